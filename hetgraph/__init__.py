@@ -1,0 +1,8 @@
+"""hetgraph: heterogeneous transformer models on stock transformers classes, and a torch.compile backend."""
+
+from hetgraph.build import from_config, from_pretrained
+from hetgraph.cache import make_cache
+from hetgraph.spec import HeteroConfigError, LayerSpec, ModelSpec
+
+__all__ = ["from_config", "from_pretrained", "make_cache", "HeteroConfigError", "LayerSpec", "ModelSpec"]
+__version__ = "0.1.0"

@@ -1,0 +1,206 @@
+"""Per-window attention masks and per-head-dim RoPE, computed once per forward.
+
+The stock forwards build one mask per layer *type* from the global config, and one RoPE table from
+the global head_dim, so they cannot serve layers with different windows, chunks or head dims.
+hetgraph leaves their code alone and uses two PyTorch forward pre-hooks (public `nn.Module` API):
+
+* `ModelInputsHook`, on the decoder stack: computes, once per forward, one mask per distinct
+  window (from explicit query and key positions, sized by the cache layer of a representative
+  layer that really holds attention) and one (cos, sin) pair per extra head_dim, and passes them
+  down as keyword arguments that the stock forward forwards to every decoder layer.
+* `LayerInputsHook`, on each decoder layer: hands the layer its own mask and RoPE table.
+
+Masks are in cache-position space: query i sits at position `past + i`; the cache layer says
+where its keys sit (`get_mask_sizes`). Key k is visible to query q iff k <= q, k >= 0 (a slot
+that holds a real token), the window / chunk rule holds, and the padding mask allows k.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from hetgraph.spec import ModelSpec
+
+MASKS_KWARG = "hetgraph_masks"
+ROPE_KWARG = "hetgraph_rope"
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class WindowGroup:
+    window: tuple  # ("full", None) / ("sliding", W) / ("chunked", C)
+    rep: int  # a layer of this window that really holds attention: its cache layer sizes the mask
+    layers: tuple[int, ...]
+
+
+def window_groups(spec: ModelSpec) -> tuple[WindowGroup, ...]:
+    return tuple(WindowGroup(w, layers[0], tuple(layers)) for w, layers in spec.window_groups().items())
+
+
+def window_mask(
+    window: tuple,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    padding: torch.Tensor | None,
+) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, Q, K]: True where query may attend key.
+
+    q_pos [Q] and k_pos [K] are cache positions; padding [B, L] marks real tokens of positions 0..L-1.
+    """
+    q = q_pos[:, None]
+    k = k_pos[None, :]
+    allowed = (k <= q) & (k >= 0)
+    kind, size = window
+    if kind == "sliding":
+        allowed = allowed & (k > q - size)
+    allowed = allowed[None, None]  # [1, 1, Q, K]
+    if kind == "chunked":
+        # Chunks count from each row's first real token, as transformers' chunked masks do.
+        offset = 0 if padding is None else padding.int().argmax(-1)[:, None, None, None]
+        allowed = allowed & ((k - offset) // size == (q - offset) // size)
+    if padding is not None:
+        length = padding.shape[-1]
+        real = padding[:, k_pos.clamp(0, length - 1)] & (k_pos < length)  # [B, K]
+        allowed = allowed & real[:, None, None, :]
+    return allowed
+
+
+def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Eager attention adds its mask to the scores."""
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+class ModelInputsHook:
+    """Forward pre-hook of the decoder stack (e.g. `LlamaModel`): builds masks and RoPE tables."""
+
+    def __init__(self, spec: ModelSpec, base_model: torch.nn.Module, attn_implementation: str):
+        self.groups = window_groups(spec)
+        self.first_attention = spec.attention_layers[0] if spec.attention_layers else None
+        self.attn_implementation = attn_implementation
+        self.accepts_mask_mapping = spec.adapter.accepts_mask_mapping
+        params = list(inspect.signature(base_model.forward).parameters)
+        self.positional = tuple(p for p in params if p not in ("self", "kwargs"))
+
+    def __call__(self, module, args, kwargs):
+        kwargs = dict(kwargs)
+        for name, value in zip(self.positional, args):
+            kwargs[name] = value
+        if "past_key_values" in kwargs and kwargs.get("cache") is None:
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        embeds = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids")
+        ref = embeds if embeds is not None else ids
+        if ref is None:
+            return (), kwargs  # the stock forward raises its own error
+        batch, q_len, device = ref.shape[0], ref.shape[1], ref.device
+        cache = kwargs.get("cache")
+        padding = _padding_mask(kwargs.get("attention_mask"), device)
+
+        if kwargs.get("position_ids") is None:
+            # The stock forward asks layer 0 for the past length; layer 0 may hold no attention.
+            past = 0 if cache is None or self.first_attention is None else cache.get_seq_length(self.first_attention)
+            kwargs["position_ids"] = (torch.arange(q_len, device=device) + past).unsqueeze(0)
+
+        masks = {}
+        for group in self.groups:
+            masks[group.window] = self._mask(group, cache, q_len, padding, device, module.dtype)
+        kwargs[MASKS_KWARG] = masks
+        # The stock mask builders would read per-layer attributes globally; give them nothing to build.
+        first = next(iter(masks.values()), None)
+        if self.accepts_mask_mapping:
+            kwargs["attention_mask"] = _AllLayerTypes(first)
+        else:
+            kwargs["attention_mask"] = first if first is not None else kwargs.get("attention_mask")
+            if isinstance(kwargs["attention_mask"], torch.Tensor) and kwargs["attention_mask"].dim() == 2:
+                kwargs["attention_mask"] = None if padding is None else _padding_4d(padding)
+
+        rope = {}
+        for head_dim, rotary in getattr(module, "hetgraph_rotary", {}).items():
+            rope[int(head_dim)] = rotary(torch.empty(0, dtype=module.dtype, device=device), kwargs["position_ids"])
+        kwargs[ROPE_KWARG] = rope
+        return (), kwargs
+
+    def _mask(self, group: WindowGroup, cache, q_len: int, padding, device, dtype):
+        if cache is None:
+            past, kv_len, kv_offset = 0, q_len, 0
+        else:
+            past = cache.get_seq_length(group.rep)
+            kv_len, kv_offset = cache.get_mask_sizes(q_len, group.rep)
+        trivially_causal = (
+            self.attn_implementation == "sdpa"
+            and padding is None
+            and group.window[0] == "full"
+            and isinstance(past, int)
+            and past == 0
+            and kv_len == q_len
+        )
+        if trivially_causal:
+            return None  # sdpa's is_causal does it without a materialized mask
+        q_pos = torch.arange(q_len, device=device) + past
+        k_pos = torch.arange(kv_len, device=device) + kv_offset
+        mask = window_mask(group.window, q_pos, k_pos, padding)
+        if self.attn_implementation == "eager":
+            mask = _as_additive(mask, dtype)
+        return mask
+
+
+class _AllLayerTypes(dict):
+    """A mask mapping that answers every layer type: the stock Qwen forwards then build no masks."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def __missing__(self, key):
+        return self.value
+
+
+def _padding_mask(attention_mask, device) -> torch.Tensor | None:
+    """The 2D padding mask [B, L] as bool, or None when every token is real."""
+    if attention_mask is None:
+        return None
+    if isinstance(attention_mask, dict):
+        raise TypeError(
+            "hetgraph models take a 2D padding mask (batch, sequence) as `attention_mask`; got a dict of masks"
+        )
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"hetgraph models take a 2D padding mask (batch, sequence) as `attention_mask`; got shape "
+            f"{tuple(attention_mask.shape)}: per-layer windows need the padding, not a prebuilt 4D mask"
+        )
+    return attention_mask.to(device=device, dtype=torch.bool)
+
+
+def _padding_4d(padding: torch.Tensor) -> torch.Tensor:
+    return padding[:, None, None, :]
+
+
+class LayerInputsHook:
+    """Forward pre-hook of one decoder layer: its own mask and, if its head_dim differs, its RoPE."""
+
+    def __init__(self, window: tuple | None, head_dim: int | None):
+        self.window = window
+        self.head_dim = head_dim
+
+    def __call__(self, module, args, kwargs):
+        masks = kwargs.pop(MASKS_KWARG, None)
+        rope = kwargs.pop(ROPE_KWARG, None)
+        if masks is None:
+            return None  # called directly, outside a hetgraph model forward: stock behaviour
+        kwargs = dict(kwargs)
+        if self.window is not None:
+            kwargs["attention_mask"] = masks[self.window]
+        if rope and self.head_dim in rope:
+            kwargs["position_embeddings"] = rope[self.head_dim]
+        return args, kwargs
+
+
+def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
+    """`generate` precomputes masks for compileable caches; hetgraph builds them in the forward instead.
+
+    Returning the 2D padding mask keeps the padding information for `ModelInputsHook`.
+    """
+    return attention_mask

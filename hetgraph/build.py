@@ -1,0 +1,247 @@
+"""Build heterogeneous models on the stock transformers classes.
+
+The model is the family's own `*ForCausalLM`, built from a homogeneous parent config on the meta
+device; then decoder layer i is rebuilt from `config.per_layer_config[i]` with the family's own
+decoder-layer class, and each removed block (with its norm) is replaced by a parameter-free marker
+module. transformers' classes are never modified; per-window masks and per-head-dim RoPE are fed
+in through forward pre-hooks (see `hetgraph.attention`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+
+from hetgraph import attention
+from hetgraph.arch import FamilyAdapter
+from hetgraph.spec import FULL, LINEAR, SKIP, HeteroConfigError, ModelSpec, config_from_dict
+
+logger = logging.getLogger(__name__)
+
+SPEC_ATTR = "hetgraph_spec"
+
+
+class SkippedBlock(nn.Module):
+    """A removed attention or MLP block: no parameters, no cache; adds exactly zero to the residual."""
+
+    def __init__(self, block: str, returns_tuple: bool):
+        super().__init__()
+        self.block = block
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = torch.zeros_like(hidden_states)
+        return (out, None) if self.returns_tuple else out
+
+    def extra_repr(self) -> str:
+        return f"removed {self.block}"
+
+
+class SkippedNorm(nn.Module):
+    """Stands in for the norm of a removed block (which has no weights): the identity."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+class LinearBlock(nn.Module):
+    """A block replaced by one Linear(hidden, hidden, no bias) map, e.g. Nemotron-NAS `replace_with_linear`."""
+
+    def __init__(self, block: str, weight_name: str, hidden_size: int, returns_tuple: bool):
+        super().__init__()
+        self.block = block
+        self.weight_name = weight_name
+        self.returns_tuple = returns_tuple
+        self.add_module(weight_name, nn.Linear(hidden_size, hidden_size, bias=False))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = getattr(self, self.weight_name)(hidden_states)
+        return (out, None) if self.returns_tuple else out
+
+
+def normalize_config(config: PreTrainedConfig | Mapping[str, Any]) -> PreTrainedConfig:
+    if isinstance(config, PreTrainedConfig):
+        return config
+    if isinstance(config, Mapping):
+        return config_from_dict(config)
+    raise TypeError(f"config must be a transformers config or a config.json-style dict, got {type(config).__name__}")
+
+
+def _parent_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The homogeneous parent: the global values, no per-layer overrides."""
+    parent = copy.deepcopy(config)
+    parent.per_layer_config = None
+    return parent
+
+
+def _layer_config(config: PreTrainedConfig, i: int, attn_implementation: str) -> PreTrainedConfig:
+    lc = config.per_layer_config[i]
+    if lc is config:
+        lc = copy.copy(config)
+    # A layer config is a copy taken now: carry the implementation, or masks and logging go wrong.
+    lc._attn_implementation = attn_implementation
+    return lc
+
+
+def _build_layer(adapter: FamilyAdapter, config, spec: ModelSpec, i: int, attn_implementation: str) -> nn.Module:
+    lc = _layer_config(config, i, attn_implementation)
+    s = spec[i]
+    layer = adapter.decoder_layer_class(_config_for_kept_blocks(lc, s), i)
+    for block in adapter.blocks:
+        kind = getattr(s, block.name)
+        if kind == SKIP:
+            setattr(layer, block.module, SkippedBlock(block.name, block.returns_tuple))
+            setattr(layer, block.norm, SkippedNorm())
+        elif kind == LINEAR:
+            linear = LinearBlock(block.name, block.linear_weight, spec.hidden_size, block.returns_tuple)
+            setattr(layer, block.module, linear)
+    return layer
+
+
+def _config_for_kept_blocks(lc, s):
+    """The stock layer constructor sizes every block: give a block that will be replaced size 1."""
+    if s.attention == FULL and s.mlp == FULL:
+        return lc
+    cfg = copy.copy(lc)
+    if s.mlp != FULL:
+        cfg.intermediate_size = 1
+    if s.attention != FULL:
+        cfg.num_attention_heads = cfg.num_key_value_heads = cfg.head_dim = 1
+    return cfg
+
+
+def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementation: str) -> None:
+    """Hooks that feed per-window masks and per-head-dim RoPE through the stock forward."""
+    base = getattr(model, spec.adapter.base_model_attr)
+    global_head_dim = _global_head_dim(model.config)
+    extra_dims = sorted({s.head_dim for s in spec if s.has_attention and s.head_dim != global_head_dim})
+    if extra_dims:
+        rotary_cls = type(base.rotary_emb)
+        base.hetgraph_rotary = nn.ModuleDict(
+            {str(d): rotary_cls(_config_with_head_dim(model.config, d)) for d in extra_dims}
+        )
+    base.register_forward_pre_hook(attention.ModelInputsHook(spec, base, attn_implementation), with_kwargs=True)
+    for s, layer in zip(spec, base.layers):
+        layer.register_forward_pre_hook(attention.LayerInputsHook(s.window, s.head_dim), with_kwargs=True)
+    # `generate` looks this up on the model; hetgraph builds masks inside the forward instead.
+    model.create_masks_for_generate = attention.create_masks_for_generate
+    setattr(model, SPEC_ATTR, spec)
+
+
+def _global_head_dim(config) -> int:
+    head_dim = config._getattr_without_heterogeneous_validation("head_dim", None)
+    heads = config._getattr_without_heterogeneous_validation("num_attention_heads")
+    return head_dim or config._getattr_without_heterogeneous_validation("hidden_size") // heads
+
+
+def _config_with_head_dim(config, head_dim: int):
+    cfg = _parent_config(config)
+    cfg.head_dim = head_dim
+    return cfg
+
+
+def _allow_global_reads_for_validation(config) -> None:
+    """`LlamaConfig.validate()` (run by `save_pretrained`) reads `num_attention_heads` globally.
+
+    With per-layer head counts that read raises, so `save_pretrained` would fail. transformers'
+    escape hatch is `allow_global_per_layer_attribute_access`; set it only in that case. Every
+    layer of a hetgraph model reads its own config, so no stock code consumes the global value.
+    """
+    if config.is_heterogeneous and "num_attention_heads" in config.per_layer_attributes:
+        config.allow_global_per_layer_attribute_access = True
+
+
+def model_spec(model: nn.Module) -> ModelSpec:
+    spec = getattr(model, SPEC_ATTR, None)
+    if spec is None:
+        raise TypeError(
+            f"{type(model).__name__} was not built by hetgraph (hetgraph.from_config / hetgraph.from_pretrained)"
+        )
+    return spec
+
+
+def build_skeleton(config, attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, ModelSpec]:
+    """The model with every tensor on the meta device; `materialize` gives it storage."""
+    config = normalize_config(config)
+    if attn_implementation not in attention.SUPPORTED_ATTN_IMPLEMENTATIONS:
+        raise HeteroConfigError(
+            f"attn_implementation={attn_implementation!r} is not supported; allowed: "
+            f"{list(attention.SUPPORTED_ATTN_IMPLEMENTATIONS)}"
+        )
+    spec = ModelSpec.from_config(config)
+    adapter = spec.adapter
+    config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = adapter.causal_lm_class(_parent_config(config))
+        layers = [_build_layer(adapter, config, spec, i, attn_implementation) for i in range(len(spec))]
+    base = getattr(model, adapter.base_model_attr)
+    base.layers = nn.ModuleList(layers)
+    _allow_global_reads_for_validation(config)
+    model.config = config
+    base.config = config
+    return model, spec
+
+
+def materialize(model, spec, *, device, dtype) -> None:
+    """Give every meta tensor real (uninitialised) storage; parameters in `dtype`, RoPE buffers in fp32."""
+    model.to_empty(device=device)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dtype != dtype:
+                setattr(module, name, nn.Parameter(param.data.to(dtype), requires_grad=param.requires_grad))
+    for module in model.modules():
+        if "RotaryEmbedding" in type(module).__name__:
+            model._init_weights(module)
+
+
+def from_config(config, *, dtype: torch.dtype | None = None, device=None, attn_implementation: str = "sdpa"):
+    """A randomly initialised heterogeneous model of the family's stock `*ForCausalLM` class."""
+    model, spec = build_skeleton(config, attn_implementation)
+    dtype = dtype or torch.float32
+    materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype)
+    model.initialize_weights()
+    model.tie_weights()
+    _install_runtime(model, spec, attn_implementation)
+    model.eval()
+    return model
+
+
+def _expected_tensors(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
+    """Names and shapes a checkpoint must hold: the state dict, less weights tied to another."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
+    return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def from_pretrained(path: str, *, dtype: torch.dtype | None = None, device=None, attn_implementation: str = "sdpa"):
+    """Load a local checkpoint directory (config.json + safetensors) onto the stock class.
+
+    No hub access, no pickle, no remote code. Every tensor is checked before storage is allocated.
+    """
+    from hetgraph import checkpoint
+
+    config_dict = checkpoint.read_config(path)
+    model, spec = build_skeleton(config_dict, attn_implementation)
+    index = checkpoint.TensorIndex.open(path)
+    checkpoint.check_tensors(_expected_tensors(model), index)
+    dtype = dtype or _config_dtype(model.config)
+    materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype)
+    params = dict(model.state_dict(keep_vars=True))
+    with torch.no_grad():
+        for name in index.shapes:
+            params[name].copy_(index.load(name))
+    model.tie_weights()
+    _install_runtime(model, spec, attn_implementation)
+    model.eval()
+    return model

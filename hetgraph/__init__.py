@@ -1,8 +1,21 @@
 """hetgraph: heterogeneous transformer models on stock transformers classes, and a torch.compile backend."""
 
+from hetgraph.backend import BackendOptions, register as _register_backend
 from hetgraph.build import from_config, from_pretrained
 from hetgraph.cache import make_cache
+from hetgraph.explain import explain
 from hetgraph.spec import HeteroConfigError, LayerSpec, ModelSpec
 
-__all__ = ["from_config", "from_pretrained", "make_cache", "HeteroConfigError", "LayerSpec", "ModelSpec"]
+__all__ = [
+    "from_config",
+    "from_pretrained",
+    "make_cache",
+    "explain",
+    "BackendOptions",
+    "HeteroConfigError",
+    "LayerSpec",
+    "ModelSpec",
+]
 __version__ = "0.1.0"
+
+_register_backend()

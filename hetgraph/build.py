@@ -19,6 +19,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from hetgraph import attention
 from hetgraph.arch import FamilyAdapter
+from hetgraph.backend import tag_parameters
 from hetgraph.spec import FULL, LINEAR, SKIP, HeteroConfigError, ModelSpec, config_from_dict
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementatio
     # `generate` looks this up on the model; hetgraph builds masks inside the forward instead.
     model.create_masks_for_generate = attention.create_masks_for_generate
     setattr(model, SPEC_ATTR, spec)
+    tag_parameters(model, spec, base.layers)
 
 
 def _global_head_dim(config) -> int:
@@ -145,14 +147,15 @@ def _config_with_head_dim(config, head_dim: int):
     return cfg
 
 
-def _allow_global_reads_for_validation(config) -> None:
-    """`LlamaConfig.validate()` (run by `save_pretrained`) reads `num_attention_heads` globally.
+def _allow_global_reads(adapter: FamilyAdapter, config) -> None:
+    """Some stock code reads a per-layer attribute on the global config, which then raises.
 
-    With per-layer head counts that read raises, so `save_pretrained` would fail. transformers'
-    escape hatch is `allow_global_per_layer_attribute_access`; set it only in that case. Every
-    layer of a hetgraph model reads its own config, so no stock code consumes the global value.
+    E.g. `LlamaConfig.validate()` (run by `save_pretrained`) reads `num_attention_heads`, and
+    `MistralModel.forward` reads `sliding_window` to pick its mask builder. transformers' escape
+    hatch is `allow_global_per_layer_attribute_access`; it is set only when such an attribute varies.
+    No global value reaches a layer: every layer reads its own config, and masks come from hetgraph.
     """
-    if config.is_heterogeneous and "num_attention_heads" in config.per_layer_attributes:
+    if config.is_heterogeneous and set(adapter.global_reads) & config.per_layer_attributes:
         config.allow_global_per_layer_attribute_access = True
 
 
@@ -181,7 +184,7 @@ def build_skeleton(config, attn_implementation: str = "sdpa") -> tuple[PreTraine
         layers = [_build_layer(adapter, config, spec, i, attn_implementation) for i in range(len(spec))]
     base = getattr(model, adapter.base_model_attr)
     base.layers = nn.ModuleList(layers)
-    _allow_global_reads_for_validation(config)
+    _allow_global_reads(adapter, config)
     model.config = config
     base.config = config
     return model, spec
@@ -218,7 +221,7 @@ def _expected_tensors(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
 
 
 def _config_dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else torch.float32

@@ -294,14 +294,15 @@ def config_from_dict(config_dict: Mapping[str, Any]) -> PreTrainedConfig:
     overrides = _validate_overrides(adapter, num_layers, raw)
     overridden = {attr for o in overrides.values() for attr in o}
     for name in adapter.optional_globals:
-        if name in overridden:
-            d.setdefault(name, None)
+        if name in overridden and d.get(name) is None:
+            # transformers wants each per-layer attribute globally too; head_dim has a natural default.
+            d[name] = _default_head_dim(d) if name == "head_dim" else None
     if "linear" in overridden:
         d.setdefault("linear", [])
     if adapter.has_layer_types:
         _set_layer_types(d, num_layers, overrides)
     d.pop("transformers_version", None)
-    d.pop("allow_global_per_layer_attribute_access", None)  # see build._allow_global_reads_for_validation
+    d.pop("allow_global_per_layer_attribute_access", None)  # see build._allow_global_reads
     try:
         config = CONFIG_MAPPING[model_type](**d)
         config.per_layer_config = overrides
@@ -310,6 +311,15 @@ def config_from_dict(config_dict: Mapping[str, Any]) -> PreTrainedConfig:
     except (ValueError, TypeError, RuntimeError) as e:
         raise HeteroConfigError(f"{model_type} config rejected by transformers: {e}") from e
     return config
+
+
+def _default_head_dim(d: dict) -> int:
+    try:
+        return d["hidden_size"] // d["num_attention_heads"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        raise HeteroConfigError(
+            "global config: hidden_size and num_attention_heads must be set to derive the global head_dim"
+        ) from None
 
 
 def _set_layer_types(d: dict, num_layers: int, overrides: dict[int, dict]) -> None:

@@ -21,7 +21,9 @@ _ATTRIBUTES = frozenset(
 )
 
 
-def _family(name: str, causal_lm: str, decoder_layer: str, optional_globals, has_layer_types: bool) -> FamilyAdapter:
+def _family(
+    name: str, causal_lm: str, decoder_layer: str, optional_globals, has_layer_types: bool, global_reads=()
+) -> FamilyAdapter:
     return FamilyAdapter(
         name=name,
         model_types=(name,),
@@ -33,12 +35,23 @@ def _family(name: str, causal_lm: str, decoder_layer: str, optional_globals, has
         optional_globals=optional_globals,
         has_layer_types=has_layer_types,
         accepts_mask_mapping=has_layer_types,
+        global_reads=global_reads,
     )
 
 
 LLAMA_FAMILY = (
-    _family("llama", "LlamaForCausalLM", "LlamaDecoderLayer", ("sliding_window", "attention_chunk_size"), False),
-    _family("mistral", "MistralForCausalLM", "MistralDecoderLayer", ("attention_chunk_size",), False),
-    _family("qwen2", "Qwen2ForCausalLM", "Qwen2DecoderLayer", ("attention_chunk_size",), True),
+    # LlamaConfig.validate() reads num_attention_heads; MistralModel.forward reads sliding_window.
+    _family(
+        "llama",
+        "LlamaForCausalLM",
+        "LlamaDecoderLayer",
+        ("sliding_window", "attention_chunk_size"),
+        False,
+        global_reads=("num_attention_heads",),
+    ),
+    _family(
+        "mistral", "MistralForCausalLM", "MistralDecoderLayer", ("attention_chunk_size",), False, ("sliding_window",)
+    ),
+    _family("qwen2", "Qwen2ForCausalLM", "Qwen2DecoderLayer", ("attention_chunk_size", "head_dim"), True),
     _family("qwen3", "Qwen3ForCausalLM", "Qwen3DecoderLayer", ("attention_chunk_size",), True),
 )

@@ -1,0 +1,3 @@
+from hetgraph.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""The `hetgraph` torch.compile backend: dynamo's FX graph -> hetgraph passes -> TorchInductor.
+
+    torch.compile(model, backend="hetgraph")                       # after `import hetgraph`, or via
+    torch.compile(model, backend="hetgraph", mode="max-autotune")  # the entry point, without it
+    torch.compile(model, backend="hetgraph", options={"passes": ["attribute_nodes"]})
+
+The passes get the model's LayerSpec table from the graph's inputs: hetgraph tags each parameter
+of a model it built with the table and its layer index. A model hetgraph did not build compiles
+as with Inductor (the passes find nothing to do). A pass that fails leaves the graph as dynamo
+produced it, with a log line saying so (or raises, with `options={"strict": True}`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.fx as fx
+
+from hetgraph.passes import PASSES, PassContext, PassRecord, run_passes
+from hetgraph.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "hetgraph"
+SPEC_TAG = "_hetgraph_spec"  # attribute on each parameter of a hetgraph-built model
+LAYER_TAG = "_hetgraph_layer"  # attribute on each parameter of a decoder layer
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """hetgraph's own options, passed as `torch.compile(..., options={...})`."""
+
+    passes: tuple[str, ...] = tuple(p.__name__ for p in PASSES)  # which passes run (always in PASSES order)
+    inductor: Mapping[str, Any] = field(default_factory=dict)  # extra Inductor config, applied in a scope
+    strict: bool = False  # raise instead of compiling the unchanged graph when a pass fails
+
+    def __post_init__(self):
+        known = [p.__name__ for p in PASSES]
+        unknown = [p for p in self.passes if p not in known]
+        if unknown:
+            raise ValueError(f"hetgraph backend: unknown pass(es) {unknown}; known passes: {known}")
+        from torch._inductor import config as inductor_config
+
+        bad = [k for k in self.inductor if not hasattr(inductor_config, k.split(".")[0])]
+        if bad:
+            raise ValueError(f"hetgraph backend: {bad} are not Inductor config options (torch._inductor.config)")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "BackendOptions":
+        options = dict(options or {})
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"hetgraph backend: unknown option(s) {unknown}; known options: {known}")
+        if "passes" in options:
+            options["passes"] = tuple(options["passes"])
+        return cls(**options)
+
+
+def inductor_patches(mode: str | None, options: BackendOptions) -> dict[str, Any]:
+    mode = mode or "default"
+    if mode not in MODES:
+        raise ValueError(f"hetgraph backend: unknown mode {mode!r}; allowed: {list(MODES)}")
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode != "default" else {}
+    patches.update(options.inductor)
+    return patches
+
+
+def context_from_inputs(gm: fx.GraphModule, example_inputs) -> PassContext:
+    """The LayerSpec table and parameter layers, read from the tags on the graph's inputs."""
+    spec: ModelSpec | None = None
+    input_layers = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs):
+        spec = spec or getattr(example, SPEC_TAG, None)
+        layer = getattr(example, LAYER_TAG, None)
+        if layer is not None:
+            input_layers[node.name] = layer
+    return PassContext(spec=spec, input_layers=input_layers)
+
+
+@dataclass
+class GraphReport:
+    """What the passes did to one graph dynamo handed the backend."""
+
+    spec: ModelSpec | None
+    records: list[PassRecord]
+    fallback: str | None = None  # why the unchanged graph was compiled, if it was
+
+
+class HetgraphBackend:
+    """The backend as a callable; keeps the reports of every graph it compiled (see `explain`)."""
+
+    def __init__(self, mode: str | None = None, options: Mapping[str, Any] | None = None):
+        self.options = BackendOptions.from_options(options)
+        self.patches = inductor_patches(mode, self.options)
+        self.reports: list[GraphReport] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        ctx = context_from_inputs(gm, example_inputs)
+        passes = [p for p in PASSES if p.__name__ in self.options.passes]
+        work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        try:
+            work, records = run_passes(work, ctx, passes)
+            report = GraphReport(ctx.spec, records)
+        except Exception as e:
+            if self.options.strict:
+                raise
+            logger.warning("hetgraph: a pass failed (%s: %s); compiling the graph unchanged", type(e).__name__, e)
+            work, report = gm, GraphReport(ctx.spec, [], fallback=f"{type(e).__name__}: {e}")
+        self.reports.append(report)
+        for record in report.records:
+            for layer, reason in record.refused.items():
+                logger.info("hetgraph %s: layer %s: %s", record.name, layer, reason)
+        return compile_fx(work, example_inputs, config_patches=self.patches)
+
+
+def hetgraph_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options=None):
+    """The registered backend function (`backend="hetgraph"`)."""
+    return HetgraphBackend(mode, options)(gm, example_inputs)
+
+
+def register() -> None:
+    """Register `backend="hetgraph"` with dynamo, unless its entry point already provides it."""
+    from torch._dynamo.backends.registry import list_backends, register_backend
+
+    # With the package installed, dynamo finds the entry point and registers it on first lookup;
+    # registering here too would make that lookup fail with "duplicate name".
+    if BACKEND_NAME not in list_backends(exclude_tags=()):
+        register_backend(compiler_fn=hetgraph_backend, name=BACKEND_NAME)
+
+
+def tag_parameters(model: torch.nn.Module, spec: ModelSpec, layers) -> None:
+    """Let the backend find the LayerSpec table (and each layer) from the graph's inputs."""
+    for param in model.parameters():
+        setattr(param, SPEC_TAG, spec)
+    for i, layer in enumerate(layers):
+        for param in layer.parameters():
+            setattr(param, LAYER_TAG, i)

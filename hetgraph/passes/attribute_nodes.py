@@ -1,0 +1,80 @@
+"""Attribute every node to (layer, block) from dynamo's `nn_module_stack`.
+
+A node inside `model.layers[i].self_attn` belongs to layer i, block "attention"; a node in the
+layer's own frame (the residual adds) belongs to layer i, block None. The layer index comes from
+the module path, or, when a single layer was compiled on its own, from the layer tag hetgraph puts
+on that layer's parameters. Layers and blocks found are checked against the LayerSpec table.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch.fx as fx
+
+from hetgraph.arch import adapter_for
+from hetgraph.passes._graph import TAG, NodeTag, compute_nodes, layer_index_from_path
+from hetgraph.passes._types import PassContext, PassResult
+
+
+def _block_attrs(ctx: PassContext) -> dict[str, str]:
+    """Decoder-layer attribute name -> block name, e.g. "input_layernorm" -> "attention"."""
+    adapter = ctx.spec.adapter if ctx.spec is not None else adapter_for("llama")
+    mapping = {}
+    for block in adapter.blocks:
+        mapping[block.module] = block.name
+        mapping[block.norm] = block.name
+    return mapping
+
+
+def _tag_for(node: fx.Node, block_attrs: dict[str, str], default_layer: int | None) -> NodeTag:
+    stack = node.meta.get("nn_module_stack") or {}
+    entries = list(stack.values())
+    layer, block, depth = default_layer, None, None
+    for d, (path, _) in enumerate(entries):
+        i = layer_index_from_path(path)
+        if i is not None and depth is None:
+            layer, depth = i, d  # the outermost entry naming a layer is the decoder layer itself
+    # The block is the first module below the layer whose attribute name is a known block part.
+    start = 0 if depth is None else depth + 1
+    for path, _ in entries[start:]:
+        attr = _attr_name(path)
+        if attr in block_attrs:
+            block = block_attrs[attr]
+            break
+    module_type = entries[-1][1] if entries else None
+    module_type = getattr(module_type, "__name__", module_type)
+    module_name = _attr_name(entries[-1][0]) if entries else None
+    return NodeTag(layer=layer, block=block, module_type=module_type, module_name=module_name)
+
+
+def _attr_name(path: str) -> str:
+    """The last attribute of a module path like "L['self'].model.layers[3].self_attn"."""
+    return path.replace("]", "").replace("[", ".").split(".")[-1].strip("'\"")
+
+
+def _single_layer(gm: fx.GraphModule, ctx: PassContext) -> int | None:
+    """When one decoder layer is compiled alone, its parameters say which layer it is."""
+    layers = {ctx.input_layers[n.name] for n in gm.graph.nodes if n.op == "placeholder" and n.name in ctx.input_layers}
+    return layers.pop() if len(layers) == 1 else None
+
+
+def attribute_nodes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    block_attrs = _block_attrs(ctx)
+    default_layer = _single_layer(gm, ctx)
+    counts: Counter = Counter()
+    for node in compute_nodes(gm):
+        node.meta[TAG] = t = _tag_for(node, block_attrs, default_layer)
+        counts[(t.layer, t.block)] += 1
+
+    report, refused = {}, {}
+    for layer in sorted({k[0] for k in counts if k[0] is not None}):
+        parts = [f"{block or 'glue'}={counts[(layer, block)]}" for (l, block) in counts if l == layer]
+        report[layer] = "ops " + " ".join(sorted(parts))
+        if ctx.spec is not None and layer >= len(ctx.spec):
+            refused[layer] = f"layer {layer} is not in the LayerSpec table ({len(ctx.spec)} layers)"
+    report[None] = f"ops outside layers={counts[(None, None)]}"
+    if ctx.spec is None:
+        refused[None] = "model not built by hetgraph: no LayerSpec table, nothing to specialize"
+    # Tags live in node.meta only: the graph's code is unchanged.
+    return PassResult(gm, changed=False, report=report, refused=refused)

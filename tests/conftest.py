@@ -1,0 +1,36 @@
+"""Shared fixtures: dynamo reset around every test, and tiny random checkpoints on disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hetgraph
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    # Compiled code and guards from one test must not leak into (or be reused by) the next.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """`make(config_dict, seed=0) -> path`: a random hetgraph model saved by transformers' own `save_pretrained`.
+
+    Session-scoped so module-scoped fixtures can use it; every call writes a fresh directory.
+    """
+
+    def make(config_dict: dict, seed: int = 0) -> str:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = hetgraph.from_config(config_dict)
+        path = tmp_path_factory.mktemp(f"ckpt_{config_dict.get('model_type', 'none')}")
+        model.save_pretrained(path)
+        return str(path)
+
+    return make

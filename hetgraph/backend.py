@@ -91,6 +91,7 @@ class GraphReport:
 
     spec: ModelSpec | None
     records: list[PassRecord]
+    gm: fx.GraphModule | None = None  # the graph handed to Inductor
     fallback: str | None = None  # why the unchanged graph was compiled, if it was
 
 
@@ -110,12 +111,12 @@ class HetgraphBackend:
         work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         try:
             work, records = run_passes(work, ctx, passes)
-            report = GraphReport(ctx.spec, records)
+            report = GraphReport(ctx.spec, records, work)
         except Exception as e:
             if self.options.strict:
                 raise
             logger.warning("hetgraph: a pass failed (%s: %s); compiling the graph unchanged", type(e).__name__, e)
-            work, report = gm, GraphReport(ctx.spec, [], fallback=f"{type(e).__name__}: {e}")
+            work, report = gm, GraphReport(ctx.spec, [], gm, fallback=f"{type(e).__name__}: {e}")
         self.reports.append(report)
         for record in report.records:
             for layer, reason in record.refused.items():

@@ -148,15 +148,36 @@ def _config_with_head_dim(config, head_dim: int):
 
 
 def _allow_global_reads(adapter: FamilyAdapter, config) -> None:
-    """Some stock code reads a per-layer attribute on the global config, which then raises.
+    """`LlamaConfig.validate()` (run by `save_pretrained`) reads `num_attention_heads` globally.
 
-    E.g. `LlamaConfig.validate()` (run by `save_pretrained`) reads `num_attention_heads`, and
-    `MistralModel.forward` reads `sliding_window` to pick its mask builder. transformers' escape
-    hatch is `allow_global_per_layer_attribute_access`; it is set only when such an attribute varies.
-    No global value reaches a layer: every layer reads its own config, and masks come from hetgraph.
+    With per-layer head counts that read raises. transformers' escape hatch is
+    `allow_global_per_layer_attribute_access`; it is set only when such an attribute varies.
+    No global value reaches a layer: every layer reads its own config.
     """
-    if config.is_heterogeneous and set(adapter.global_reads) & config.per_layer_attributes:
+    if config.is_heterogeneous and set(adapter.validate_reads) & config.per_layer_attributes:
         config.allow_global_per_layer_attribute_access = True
+
+
+def _forward_config(adapter: FamilyAdapter, config) -> PreTrainedConfig:
+    """The config the decoder stack's forward reads.
+
+    `MistralModel.forward` reads `sliding_window` globally to pick its mask builder, which raises
+    when windows vary per layer (and transformers' escape hatch logs, breaking fullgraph traces).
+    hetgraph builds every mask itself, so the stack gets a copy without that attribute per layer.
+    """
+    varying = set(adapter.forward_reads) & (config.per_layer_attributes or set())
+    if not varying:
+        return config
+    view = copy.deepcopy(config)
+    overrides = {
+        i: {k: v for k, v in o.items() if k not in varying}
+        for i, o in config._heterogeneity_spec.per_layer_overrides.items()
+    }
+    view.per_layer_config = None
+    for name in varying:
+        setattr(view, name, None)
+    view.per_layer_config = {i: o for i, o in overrides.items() if o}
+    return view
 
 
 def model_spec(model: nn.Module) -> ModelSpec:
@@ -186,7 +207,7 @@ def build_skeleton(config, attn_implementation: str = "sdpa") -> tuple[PreTraine
     base.layers = nn.ModuleList(layers)
     _allow_global_reads(adapter, config)
     model.config = config
-    base.config = config
+    base.config = _forward_config(adapter, config)
     return model, spec
 
 

@@ -22,6 +22,8 @@ STOCK_CLASS = {
     "qwen2": transformers.Qwen2ForCausalLM,
     "qwen3": transformers.Qwen3ForCausalLM,
 }
+# A removed block takes its pre-norm with it.
+BLOCK_MODULES = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
 ATOL = 1e-4
 # The reference never stops at EOS; neither may generate.
 GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -132,9 +134,7 @@ def test_structure(family, ckpt, model):
         layers = m.model.layers
         for i, layer in enumerate(layers):
             skip = config["per_layer_config"].get(i, {}).get("skip", [])
-            removed = [name for block in skip for name in {"attention": ("self_attn", "input_layernorm"),
-                                                           "mlp": ("mlp", "post_attention_layernorm")}[block]]
-            for name in removed:
+            for name in [module for block in skip for module in BLOCK_MODULES[block]]:
                 assert not list(getattr(layer, name).parameters()), f"layer {i}: removed {name} owns parameters"
                 assert not list(getattr(layer, name).buffers()), f"layer {i}: removed {name} owns buffers"
                 prefix = f"model.layers.{i}.{name}."
@@ -177,9 +177,7 @@ def test_greedy_generate_matches_reference(model, ref, cache):
     kwargs = {}
     if cache == "make_cache":
         kwargs["cache"] = hetgraph.make_cache(model, batch_size=2, max_cache_len=ids.shape[1] + NEW_TOKENS)
-    out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, **GREEDY, **kwargs
-    )
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, **GREEDY, **kwargs)
     want = ref.greedy(ids, NEW_TOKENS, mask)
     assert torch.equal(out, want), f"\ngenerated {out.tolist()}\nreference {want.tolist()}"
 

@@ -40,9 +40,10 @@ class FamilyAdapter:
     has_layer_types: bool
     # The stock forward accepts a dict of masks keyed by layer type instead of a padding mask.
     accepts_mask_mapping: bool
-    # Attributes the stock code reads on the *global* config (forward or `validate()`); if one of
-    # them varies per layer, those reads need transformers' `allow_global_per_layer_attribute_access`.
-    global_reads: tuple[str, ...] = ()
+    # Attributes stock code reads on the *global* config, which raises when they vary per layer:
+    # in the config's `validate()` (run by save_pretrained), and in the decoder stack's forward.
+    validate_reads: tuple[str, ...] = ()
+    forward_reads: tuple[str, ...] = ()
 
     @property
     def causal_lm_class(self) -> type:

@@ -22,7 +22,13 @@ _ATTRIBUTES = frozenset(
 
 
 def _family(
-    name: str, causal_lm: str, decoder_layer: str, optional_globals, has_layer_types: bool, global_reads=()
+    name: str,
+    causal_lm: str,
+    decoder_layer: str,
+    optional_globals,
+    has_layer_types: bool,
+    validate_reads=(),
+    forward_reads=(),
 ) -> FamilyAdapter:
     return FamilyAdapter(
         name=name,
@@ -35,7 +41,8 @@ def _family(
         optional_globals=optional_globals,
         has_layer_types=has_layer_types,
         accepts_mask_mapping=has_layer_types,
-        global_reads=global_reads,
+        validate_reads=validate_reads,
+        forward_reads=forward_reads,
     )
 
 
@@ -47,10 +54,15 @@ LLAMA_FAMILY = (
         "LlamaDecoderLayer",
         ("sliding_window", "attention_chunk_size"),
         False,
-        global_reads=("num_attention_heads",),
+        validate_reads=("num_attention_heads",),
     ),
     _family(
-        "mistral", "MistralForCausalLM", "MistralDecoderLayer", ("attention_chunk_size",), False, ("sliding_window",)
+        "mistral",
+        "MistralForCausalLM",
+        "MistralDecoderLayer",
+        ("attention_chunk_size",),
+        False,
+        forward_reads=("sliding_window",),
     ),
     _family("qwen2", "Qwen2ForCausalLM", "Qwen2DecoderLayer", ("attention_chunk_size", "head_dim"), True),
     _family("qwen3", "Qwen3ForCausalLM", "Qwen3DecoderLayer", ("attention_chunk_size",), True),

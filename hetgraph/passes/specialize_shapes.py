@@ -102,11 +102,11 @@ def specialize_shapes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if weight is not None and block_kind == FULL:
                 checked[t.layer] = checked.get(t.layer, 0) + 1
                 if weight.shape[dim] != size(s):
-                    refused[t.layer] = (
-                        f"{t.module_name} weight has {weight.shape[dim]} rows/cols, spec says {size(s)}: "
-                        "weights cannot be rewritten, graph left unchanged"
-                    )
+                    problem = f"{t.module_name} weight has {weight.shape[dim]} on dim {dim}, spec says {size(s)}"
+                    refused[t.layer] = "; ".join(filter(None, (refused.get(t.layer), problem)))
 
+    for layer in refused:
+        refused[layer] += ": weights cannot be rewritten, layer left unchanged"
     changed = False
     for node, what, old, new in rewrites:
         layer = tag(node).layer

@@ -1,0 +1,218 @@
+"""`torch.compile(model, backend="hetgraph")`: registration, options, correctness against the
+independent reference, static-cache decode without recompiles, and graceful handling of graphs the
+passes do not understand."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import hetgraph
+from cases import FAMILIES, hetero_config
+from helpers import assert_ops
+from hetgraph.backend import BackendOptions, HetgraphBackend, inductor_patches
+from reference import load_reference
+
+SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+def _ids(batch=2, length=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on the second row
+    return ids, mask
+
+
+def _graphs(backend: HetgraphBackend):
+    """The graphs the backend handed to Inductor, after its passes."""
+    return [report.gm for report in backend.reports]
+
+
+def test_backend_is_registered_on_import():
+    assert "hetgraph" in torch._dynamo.list_backends(exclude_tags=())
+
+
+def test_backend_resolves_through_entry_point_without_import(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
+        ids = torch.randint(0, 128, (1, 6))
+        assert "hetgraph" not in sys.modules
+        compiled = torch.compile(model, backend="hetgraph")
+        with torch.no_grad():
+            diff = (compiled(ids).logits - model(ids).logits).abs().max().item()
+        assert "hetgraph" in sys.modules, "the entry point should have imported hetgraph"
+        print("DIFF", diff)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    diff = float(out.stdout.split("DIFF")[-1])
+    assert diff < 1e-4
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bogus'\]; known options: \['passes', 'inductor', 'strict'\]"):
+        BackendOptions.from_options({"bogus": 1})
+    with pytest.raises(ValueError, match="unknown pass.*known passes"):
+        BackendOptions.from_options({"passes": ["no_such_pass"]})
+    with pytest.raises(ValueError, match="not Inductor config options"):
+        BackendOptions.from_options({"inductor": {"no_such_flag": True}})
+    with pytest.raises(ValueError, match="unknown mode 'fastest'"):
+        HetgraphBackend(mode="fastest")
+    assert inductor_patches("max-autotune", BackendOptions())["max_autotune"] is True
+    assert inductor_patches("reduce-overhead", BackendOptions())["triton.cudagraphs"] is True
+    assert inductor_patches("default", BackendOptions(inductor={"max_autotune": True})) == {"max_autotune": True}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_logits_equal_reference(family, checkpoint):
+    path = checkpoint(hetero_config(family))
+    model = hetgraph.from_pretrained(path)
+    ids, mask = _ids()
+    expected = load_reference(path).logits(ids, attention_mask=mask)
+    backend = HetgraphBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        got = compiled(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=0)
+    # Removed blocks left no zeros behind; every attention-bearing layer kept its one attention op.
+    (graph,) = _graphs(backend)
+    assert_ops(graph, present={SDPA: 4}, absent=[torch.zeros_like])
+
+
+def test_compiled_greedy_decode_two_graphs_no_recompile(checkpoint):
+    path = checkpoint(hetero_config("llama"))
+    model = hetgraph.from_pretrained(path)
+    ids, mask = _ids(length=7)
+    new = 24  # past every window (3, 4, 5): the window caches wrap
+    expected = load_reference(path).greedy(ids, new, attention_mask=mask)
+    backend = HetgraphBackend()
+    model.forward = torch.compile(model.forward, backend=backend, fullgraph=True)
+    cache = hetgraph.make_cache(model, batch_size=2, max_cache_len=ids.shape[1] + new)
+    addresses = [(l.keys.data_ptr(), l.values.data_ptr()) for l in cache.layers if l.keys is not None]
+    gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    # Warm up: the prefill graph and the decode graph (dynamo counts the second as a recompile).
+    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=2, **gen)
+    assert len(backend.reports) == 2
+    cache.reset()
+    # Then a generation that fills the cache past every window compiles nothing more.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=new, **gen)
+    assert torch.equal(out, expected)
+    assert addresses == [(l.keys.data_ptr(), l.values.data_ptr()) for l in cache.layers if l.keys is not None]
+    assert len(backend.reports) == 2
+    for graph in _graphs(backend):
+        _assert_no_host_sync_and_only_cache_mutated(graph)
+
+
+def _assert_no_host_sync_and_only_cache_mutated(gm):
+    for node in gm.graph.nodes:
+        assert not (node.op == "call_method" and node.target in ("item", "tolist", "nonzero")), node.format_node()
+        assert node.target not in (torch.nonzero, torch.Tensor.item), node.format_node()
+    placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    for node in gm.graph.nodes:
+        mutating = node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("__")
+        if mutating and isinstance(node.args[0], torch.fx.Node) and node.args[0].name in placeholders:
+            assert "cache" in node.args[0].name, f"non-cache input mutated: {node.format_node()}"
+
+
+def test_generate_compile_config_uses_backend(checkpoint, monkeypatch):
+    from transformers import CompileConfig
+
+    path = checkpoint(hetero_config("qwen3"))
+    model = hetgraph.from_pretrained(path)
+    ids, mask = _ids(length=6)
+    expected = load_reference(path).greedy(ids, 6, attention_mask=mask)
+    calls = []
+    original = HetgraphBackend.__call__
+
+    def spy(self, gm, example_inputs):
+        calls.append(len(gm.graph.nodes))
+        return original(self, gm, example_inputs)
+
+    monkeypatch.setattr(HetgraphBackend, "__call__", spy)
+    config = CompileConfig(backend="hetgraph", fullgraph=True, mode="default")
+    config._compile_all_devices = True  # generate auto-compiles only on accelerators otherwise
+    model.generation_config.compile_config = config
+    cache = hetgraph.make_cache(model, batch_size=2, max_cache_len=16)
+    out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=6, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out, expected)
+    assert calls, "generate did not compile through the hetgraph backend"
+
+
+def test_reduce_overhead_mode_compiles_on_cpu(checkpoint):
+    model = hetgraph.from_pretrained(checkpoint(hetero_config("mistral")))
+    ids, mask = _ids()
+    compiled = torch.compile(model, backend="hetgraph", mode="reduce-overhead")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, attention_mask=mask).logits,
+                                   model(ids, attention_mask=mask).logits, atol=1e-4, rtol=0)
+
+
+def test_plain_transformers_model_compiles_unchanged():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)).eval()
+    ids, mask = _ids()
+    explanation = hetgraph.explain(model, ids, attention_mask=mask)
+    (graph,) = explanation.graphs
+    assert graph.spec is None and graph.fallback is None
+    assert not any(r.changed for r in graph.records)
+    assert "not built by hetgraph" in str(explanation)
+    compiled = torch.compile(model, backend="hetgraph")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, attention_mask=mask).logits,
+                                   model(ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+
+
+def test_failing_pass_compiles_graph_unchanged_with_log(checkpoint, monkeypatch, caplog):
+    import hetgraph.backend as backend_module
+
+    def broken(gm, ctx, passes):
+        raise RuntimeError("pattern not understood")
+
+    monkeypatch.setattr(backend_module, "run_passes", broken)
+    model = hetgraph.from_pretrained(checkpoint(hetero_config("llama")))
+    ids, mask = _ids()
+    backend = HetgraphBackend()
+    with caplog.at_level(logging.WARNING, logger="hetgraph.backend"):
+        compiled = torch.compile(model, backend=backend)
+        with torch.no_grad():
+            got = compiled(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, model(ids, attention_mask=mask).logits, atol=1e-4, rtol=0)
+    assert "compiling the graph unchanged" in caplog.text and "pattern not understood" in caplog.text
+    assert backend.reports[0].fallback == "RuntimeError: pattern not understood"
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="pattern not understood"):
+        torch.compile(model, backend=HetgraphBackend(options={"strict": True}))(ids)
+
+
+def test_explain_reports_per_layer(checkpoint):
+    model = hetgraph.from_pretrained(checkpoint(hetero_config("llama")))
+    ids, mask = _ids()
+    explanation = hetgraph.explain(model, ids, attention_mask=mask)
+    (graph,) = explanation.graphs
+    names = [r.name for r in graph.records]
+    assert names == ["attribute_nodes", "eliminate_skipped_blocks", "select_window_masks", "specialize_shapes"]
+    eliminate = graph.records[1]
+    assert eliminate.changed and set(eliminate.report) == {0, 2, 4}
+    assert eliminate.ops_after.get(4, 0) == 0 < eliminate.ops_before[4]
+    text = str(explanation)
+    for layer in range(6):
+        assert f"\n  {layer} " in text
+    assert "removed" in text and "mask computation" in text

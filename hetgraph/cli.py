@@ -40,6 +40,22 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def passes(args: argparse.Namespace) -> int:
+    """The backend's FX passes, in the order they run."""
+    from hetgraph.passes import describe_passes
+
+    print(describe_passes())
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Build a small heterogeneous model, compile it with backend="hetgraph", compare with eager and Inductor."""
+    from hetgraph.demo import run
+
+    run(prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats)
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "inspect",
@@ -47,6 +63,16 @@ COMMANDS: tuple[Command, ...] = (
         (
             _arg("path", help="checkpoint directory or config.json (weights are never read)"),
             _arg("--json", action="store_true", help="print the report as JSON"),
+        ),
+    ),
+    Command("passes", passes),
+    Command(
+        "demo",
+        demo,
+        (
+            _arg("--prompt-len", type=int, default=64, help="prompt tokens (default 64)"),
+            _arg("--new-tokens", type=int, default=32, help="greedy tokens decoded (default 32)"),
+            _arg("--repeats", type=int, default=5, help="timed repeats per engine (default 5)"),
         ),
     ),
 )

@@ -115,8 +115,9 @@ class HetgraphBackend:
         except Exception as e:
             if self.options.strict:
                 raise
-            logger.warning("hetgraph: a pass failed (%s: %s); compiling the graph unchanged", type(e).__name__, e)
-            work, report = gm, GraphReport(ctx.spec, [], gm, fallback=f"{type(e).__name__}: {e}")
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            logger.warning("hetgraph: a pass failed (%s); compiling the graph unchanged", reason)
+            work, report = gm, GraphReport(ctx.spec, [], gm, fallback=reason)
         self.reports.append(report)
         for record in report.records:
             for layer, reason in record.refused.items():

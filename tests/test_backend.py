@@ -208,7 +208,13 @@ def test_explain_reports_per_layer(checkpoint):
     explanation = hetgraph.explain(model, ids, attention_mask=mask)
     (graph,) = explanation.graphs
     names = [r.name for r in graph.records]
-    assert names == ["attribute_nodes", "eliminate_skipped_blocks", "select_window_masks", "specialize_shapes"]
+    assert names == [
+        "attribute_nodes",
+        "eliminate_skipped_blocks",
+        "select_window_masks",
+        "specialize_shapes",
+        "group_layer_variants",
+    ]
     eliminate = graph.records[1]
     assert eliminate.changed and set(eliminate.report) == {0, 2, 4}
     assert eliminate.ops_after.get(4, 0) == 0 < eliminate.ops_before[4]

@@ -14,6 +14,7 @@ from hetgraph.passes._graph import ops_per_layer
 from hetgraph.passes._types import PassContext, PassResult
 from hetgraph.passes.attribute_nodes import attribute_nodes
 from hetgraph.passes.eliminate_skipped_blocks import eliminate_skipped_blocks
+from hetgraph.passes.group_layer_variants import group_layer_variants
 from hetgraph.passes.select_window_masks import select_window_masks
 from hetgraph.passes.specialize_shapes import specialize_shapes
 
@@ -22,6 +23,7 @@ PASSES = (
     eliminate_skipped_blocks,
     select_window_masks,
     specialize_shapes,
+    group_layer_variants,
 )
 
 __all__ = ["PASSES", "PassContext", "PassResult", "PassRecord", "run_passes", "describe_passes"]

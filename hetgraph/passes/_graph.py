@@ -94,9 +94,17 @@ def _is_impure(node: fx.Node) -> bool:
     return node.is_impure()
 
 
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """Drop pure nodes nobody reads. Not `Graph.eliminate_dead_code`: it recurses into subgraph
+    modules with FX's own purity rule, which would drop their cache writes."""
+    for node in reversed(graph.nodes):
+        if not node.users and not _is_impure(node):
+            graph.erase_node(node)
+
+
 def finish(gm: fx.GraphModule) -> None:
     """After a change: drop dead pure nodes, lint, recompile."""
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
 

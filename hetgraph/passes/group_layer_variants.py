@@ -1,0 +1,138 @@
+"""Group identical layer variants: layers that compute the same thing share one subgraph.
+
+Each decoder layer's nodes are cut out into a subgraph (inputs: the values it reads from outside;
+outputs: the values read outside it). Two layers are the same variant when their subgraphs have
+the same code and their inputs the same shapes, strides and dtypes — compared, not assumed from the
+spec. Every variant used by two or more layers becomes one shared module called through
+`torch.ops.higher_order.invoke_subgraph`, which Inductor compiles once per identifier and calls for
+each layer; a variant used once stays inline, where Inductor can fuse it with its neighbours.
+A layer whose nodes are not a self-contained region of the graph is left inline and reported.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+
+import torch
+import torch.fx as fx
+
+from hetgraph.passes._graph import TAG, NodeTag, compute_nodes, finish, layer_of, value
+from hetgraph.passes._types import PassContext, PassResult
+
+INVOKE = torch.ops.higher_order.invoke_subgraph
+PREFIX = "hetgraph_variant_"
+
+
+def _region(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]] | str:
+    """(inputs, outputs) of a layer's nodes, or why they cannot be cut out as one call."""
+    members = set(nodes)
+    inputs: dict[fx.Node, None] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            if a not in members:
+                inputs.setdefault(a)
+    outputs = [n for n in nodes if any(u not in members for u in n.users)]
+    order = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    last = order[nodes[-1]]
+    for a in inputs:
+        if order[a] > order[nodes[0]]:
+            return f"input {a.name} is computed in the middle of the layer"
+    for n in outputs:
+        if not isinstance(value(n), torch.Tensor):
+            return f"output {n.name} is not a tensor"
+        early = [u.name for u in n.users if u not in members and order[u] < last]
+        if early:
+            return f"{early} read the layer's values before the layer ends"
+    return list(inputs), outputs
+
+
+def _subgraph(nodes, inputs, outputs) -> fx.GraphModule:
+    graph = fx.Graph()
+    env = {}
+    for k, a in enumerate(inputs):
+        env[a] = p = graph.placeholder(f"arg{k}")
+        p.meta = {"example_value": value(a)} if value(a) is not None else {}
+    for k, n in enumerate(nodes):
+        # Positional names, so that identical layers get identical code.
+        args = fx.map_arg(n.args, lambda a: env[a])
+        kwargs = fx.map_arg(n.kwargs, lambda a: env[a])
+        env[n] = graph.create_node(n.op, n.target, args, kwargs, name=f"v{k}")
+        env[n].meta = dict(n.meta)
+    graph.output(tuple(env[n] for n in outputs))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _signature(sub: fx.GraphModule, inputs) -> tuple:
+    metas = []
+    for a in inputs:
+        v = value(a)
+        metas.append(None if v is None else (tuple(v.shape), tuple(v.stride()), v.dtype, str(v.device)))
+    return (sub.code, tuple(metas))
+
+
+def group_layer_variants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    report, refused = {}, {}
+    if ctx.spec is None:
+        return PassResult(gm, changed=False)
+    by_layer: dict[int, list[fx.Node]] = defaultdict(list)
+    for n in compute_nodes(gm):
+        if layer_of(n) is not None:
+            by_layer[layer_of(n)].append(n)
+
+    cut: dict[int, tuple] = {}
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for layer, nodes in sorted(by_layer.items()):
+        if any(n.target is INVOKE for n in nodes):
+            refused[layer] = "already calls a shared subgraph"
+            continue
+        region = _region(nodes)
+        if isinstance(region, str):
+            refused[layer] = f"not a self-contained region ({region}); left inline"
+            continue
+        inputs, outputs = region
+        sub = _subgraph(nodes, inputs, outputs)
+        cut[layer] = (nodes, inputs, outputs, sub)
+        groups[_signature(sub, inputs)].append(layer)
+
+    changed = False
+    renamed: dict[fx.Node, fx.Node] = {}
+    for k, layers in enumerate(groups.values()):
+        name = f"{PREFIX}{k}"
+        if len(layers) < 2:
+            report[layers[0]] = "variant used once: inline"
+            continue
+        gm.add_submodule(name, cut[layers[0]][3])
+        for layer in layers:
+            nodes, inputs, outputs, _ = cut[layer]
+            # An input may be another layer's output that an earlier call already replaced.
+            inputs = [renamed.get(a, a) for a in inputs]
+            renamed.update(_replace_with_call(gm, name, nodes, inputs, outputs, layer))
+            report[layer] = f"shares {name} with layers {layers}"
+        changed = True
+    if changed:
+        finish(gm)
+    report[None] = f"{len(groups)} layer variant(s) for {len(by_layer)} layer(s) with ops"
+    return PassResult(gm, changed=changed, report=report, refused=refused)
+
+
+def _replace_with_call(gm, name, nodes, inputs, outputs, layer) -> dict[fx.Node, fx.Node]:
+    """Replace a layer's nodes by one call of the shared subgraph; returns {old output: new value}."""
+    graph = gm.graph
+    tag = NodeTag(layer=layer, block=None, module_type="invoke_subgraph", module_name=name)
+    with graph.inserting_after(nodes[-1]):
+        attr = graph.get_attr(name)
+    with graph.inserting_after(attr):
+        call = graph.call_function(INVOKE, (attr, name, *inputs))
+    call.meta = {TAG: tag, "example_value": tuple(value(n) for n in outputs)}
+    members = set(nodes)
+    anchor, replaced = call, {}
+    for k, out in enumerate(outputs):
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(operator.getitem, (call, k))
+        anchor.meta = {TAG: tag, "example_value": value(out)}
+        out.replace_all_uses_with(anchor, delete_user_cb=lambda user: user not in members)
+        replaced[out] = anchor
+    for n in reversed(nodes):
+        graph.erase_node(n)
+    return replaced

@@ -1,0 +1,340 @@
+"""`hetgraph.export`: torch.export programs and AOTInductor packages of the specialized graph.
+
+Structure is read from the saved programs' own `nn_module_stack` metadata (not hetgraph's tags);
+numbers are checked against the independent reference and `model.generate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import pytest
+import torch
+
+import hetgraph
+from cases import FAMILIES, VOCAB, hetero_config
+from hetgraph.cli import main
+from hetgraph.export import EXPORT_PASSES, _Logits, _trace, generate_with_exported, specialize
+from reference import load_reference
+
+GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+BATCH, PROMPT, NEW, CACHE = 2, 6, 14, 24
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+# Modules of a decoder layer that belong to each block: removed with it.
+BLOCK_MODULES = {"attention": {"self_attn", "input_layernorm"}, "mlp": {"mlp", "post_attention_layernorm"}}
+_IN_LAYER = re.compile(r"layers\.(\d+)(?:\.(\w+))?")
+
+
+def prompt(length=PROMPT, batch=BATCH, seed=1):
+    return torch.randint(1, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def where(node) -> tuple[int | None, str | None]:
+    """(layer, submodule of the layer or None for the layer's own code) from the node's nn_module_stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [path for path, _ in stack.values()]
+    match = _IN_LAYER.search(paths[-1]) if paths else None
+    return (int(match.group(1)), match.group(2)) if match else (None, None)
+
+
+def calls(ep):
+    return [n for n in ep.graph.nodes if n.op == "call_function"]
+
+
+def per_layer(ep, op) -> dict[int, int]:
+    return dict(Counter(where(n)[0] for n in calls(ep) if n.target == op and where(n)[0] is not None))
+
+
+def config_layers(config: dict) -> list[dict]:
+    """Per layer, from a config.json dict alone: removed blocks, and the KV shape a cache holds."""
+    heads = config["num_attention_heads"]
+    layers = []
+    for i in range(config["num_hidden_layers"]):
+        over = config["per_layer_config"].get(str(i), {})
+        removed = set(over.get("skip", []))
+        window = over.get("sliding_window", config.get("sliding_window")) or over.get("attention_chunk_size")
+        head_dim = over.get("head_dim", config.get("head_dim") or config["hidden_size"] // heads)
+        kv = (over.get("num_key_value_heads", config["num_key_value_heads"]), head_dim)
+        layers.append({"removed": removed, "window": window, "kv": kv})
+    return layers
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def ckpt(family, checkpoint):
+    return checkpoint(hetero_config(family))
+
+
+@pytest.fixture(scope="module")
+def config(ckpt):
+    """The checkpoint's config.json: the family's defaults written out (Qwen3's head_dim=128)."""
+    with open(os.path.join(ckpt, "config.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return hetgraph.from_pretrained(ckpt)
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt):
+    return load_reference(ckpt)
+
+
+@pytest.fixture(scope="module")
+def prefill(model, tmp_path_factory):
+    return hetgraph.export(model, tmp_path_factory.mktemp("prefill"), input_ids=prompt())
+
+
+@pytest.fixture(scope="module")
+def decode(model, tmp_path_factory):
+    return hetgraph.export(
+        model, tmp_path_factory.mktemp("decode"), decode=True, batch_size=BATCH, max_cache_len=CACHE
+    )
+
+
+def assert_specialized(ep, config):
+    """One attention op per attention-bearing layer; no op of a removed block; the residual adds of kept ones."""
+    layers = config_layers(config)
+    attention = {i for i, layer in enumerate(layers) if "attention" not in layer["removed"]}
+    assert per_layer(ep, SDPA) == {i: 1 for i in attention}
+    assert not [n for n in calls(ep) if n.target == torch.ops.aten.zeros_like.default]
+    ops = Counter(where(n)[0] for n in calls(ep))
+    for i, layer in enumerate(layers):
+        gone = set().union(*(BLOCK_MODULES[b] for b in layer["removed"]))
+        leftover = [n.name for n in calls(ep) if where(n)[0] == i and where(n)[1] in gone]
+        assert not leftover, f"layer {i}: ops of removed blocks {layer['removed']}: {leftover}"
+        adds = [n for n in calls(ep) if where(n) == (i, None) and n.target == torch.ops.aten.add.Tensor]
+        assert len(adds) == 2 - len(layer["removed"]), f"layer {i}: residual adds"
+        if len(layer["removed"]) == 2:
+            assert ops[i] == 0, f"layer {i} has no block left but {ops[i]} ops"
+
+
+def test_prefill_program_is_specialized(prefill, config):
+    assert_specialized(torch.export.load(prefill.prefill), config)
+
+
+@torch.no_grad()
+def test_prefill_program_matches_reference(prefill, ref):
+    program = torch.export.load(prefill.prefill).module()
+    for length in (1, PROMPT, 17):  # any prompt length up to the maximum, not only the traced one
+        ids = prompt(length)
+        torch.testing.assert_close(program(ids), ref.logits(ids), atol=1e-4, rtol=0)
+
+
+def test_decode_programs_are_specialized(decode, config):
+    assert_specialized(torch.export.load(decode.prefill), config)
+    step = torch.export.load(decode.decode)
+    assert_specialized(step, config)
+    # The cache writes survive the passes' dead-code elimination: keys, values and length per attention layer.
+    mutating = [n for n in calls(step) if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+    writes = Counter(where(n)[0] for n in mutating)
+    attention = [i for i, layer in enumerate(config_layers(config)) if "attention" not in layer["removed"]]
+    assert dict(writes) == {i: 3 for i in attention}
+
+
+@torch.no_grad()
+def test_decode_state_holds_each_layers_kv(decode, config):
+    _, state = torch.export.load(decode.prefill).module()(prompt())
+    expected = {}
+    for i, layer in enumerate(config_layers(config)):
+        if "attention" not in layer["removed"]:
+            shape = (BATCH, layer["kv"][0], min(layer["window"] or CACHE, CACHE), layer["kv"][1])
+            expected.update({f"layers.{i}.keys": shape, f"layers.{i}.values": shape, f"layers.{i}.length": ()})
+    assert {name: tuple(t.shape) for name, t in state.items()} == expected
+    assert all(int(state[name]) == PROMPT for name in state if name.endswith("length"))
+
+
+def test_decode_generates_like_generate(decode, model, ref):
+    """Windows (3, 5) and chunks (4) wrap several times; layer 0 holds no attention."""
+    ids = prompt()
+    out = generate_with_exported(decode.prefill, decode.decode, ids, NEW)
+    want = model.generate(ids, max_new_tokens=NEW, **GREEDY)
+    assert torch.equal(out, want), f"\nexported {out.tolist()}\ngenerate {want.tolist()}"
+    assert torch.equal(out, ref.greedy(ids, NEW))
+
+
+def test_passes_on_exported_graph_change_exactly_once(model):
+    """The eliminate pass changes the exported graph, a second run changes nothing, outputs are unchanged."""
+    ids = prompt()
+    ep, records = _trace(model, _Logits(model), (ids,), None)
+    changed = {r.name: r.changed for r in records}
+    assert changed["eliminate_skipped_blocks"], changed
+    assert not any(r.changed for r in specialize(ep, hetgraph.build.model_spec(model)))
+    assert [p.__name__ for p in EXPORT_PASSES] == [r.name for r in records]
+    raw = torch.export.export(_Logits(model), (ids,), strict=False)
+    assert [n for n in calls(raw) if n.target == torch.ops.aten.zeros_like.default], "the case needs removed blocks"
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(ids), raw.module()(ids), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoint, tmp_path_factory):
+    """The llama case, exported both ways, with what the model itself says."""
+    path = checkpoint(hetero_config("llama"))
+    model = hetgraph.from_pretrained(path)
+    out = tmp_path_factory.mktemp("llama")
+    prefill = hetgraph.export(model, out / "prefill", input_ids=prompt())
+    decode = hetgraph.export(model, out / "decode", decode=True, batch_size=BATCH, max_cache_len=CACHE)
+    return model, prefill, decode, out
+
+
+_WITHOUT_HETGRAPH = textwrap.dedent(
+    """
+    import sys, torch
+    prefill_only, prefill, decode, ids_file, out_file = sys.argv[1:]
+    ids = torch.load(ids_file)
+    with torch.no_grad():
+        logits = torch.export.load(prefill_only).module()(ids)
+        # The README's loop: the cache is a dict of tensors that decode updates in place.
+        step_logits, state = torch.export.load(prefill).module()(ids)
+        step = torch.export.load(decode).module()
+        token = step_logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [ids, token]
+        for _ in range(NEW - 1):
+            token = step(token, state)[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("hetgraph", "transformers"))
+    torch.save({"logits": logits, "tokens": torch.cat(tokens, 1), "leaked": leaked}, out_file)
+    """
+).replace("NEW", str(NEW))
+
+
+def test_programs_run_without_hetgraph(llama):
+    model, prefill, decode, out = llama
+    ids = prompt()
+    torch.save(ids, out / "ids.pt")
+    script = out / "run.py"
+    script.write_text(_WITHOUT_HETGRAPH)
+    paths = [prefill.prefill, decode.prefill, decode.decode, out / "ids.pt", out / "o.pt"]
+    proc = subprocess.run([sys.executable, script, *paths], capture_output=True, text=True, cwd=out, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out / "o.pt")
+    assert got["leaked"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(got["logits"], model(ids).logits, atol=1e-5, rtol=0)
+    assert torch.equal(got["tokens"], model.generate(ids, max_new_tokens=NEW, **GREEDY))
+
+
+def test_package_runs_like_the_program(llama, tmp_path):
+    """The one AOTInductor compile of the default suite: the plain prefill program."""
+    model, _, _, _ = llama
+    result = hetgraph.export(model, tmp_path, input_ids=prompt(), package=True)
+    assert result.prefill_package == str(tmp_path / "prefill.aoti.pt2")
+    package = torch._inductor.aoti_load_package(result.prefill_package)
+    program = torch.export.load(result.prefill).module()
+    with torch.no_grad():
+        for length in (1, PROMPT, 11):
+            ids = prompt(length)
+            torch.testing.assert_close(package(ids), program(ids), atol=1e-4, rtol=0)
+    assert json.loads(package.get_metadata()["hetgraph.json"])["batch_size"] == BATCH
+    # With its input checks on, a package names expected and given shapes (and still takes 1-token prompts).
+    env = dict(os.environ, AOTI_RUNTIME_CHECK_INPUTS="1")
+    args = [sys.executable, "-c", _PACKAGE_WRONG_BATCH, result.prefill_package]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-2:] == ["ok (2, 1, 128)", "input_handles[0]: unmatched dim value at 0, expected: 2, but got: 3"]
+
+
+_PACKAGE_WRONG_BATCH = textwrap.dedent(
+    """
+    import sys, torch
+    package = torch._inductor.aoti_load_package(sys.argv[1])
+    print("ok", tuple(package(torch.zeros(2, 1, dtype=torch.long)).shape))
+    try:
+        package(torch.zeros(3, 4, dtype=torch.long))
+    except RuntimeError as e:
+        print(str(e).strip())
+    """
+)
+
+
+@pytest.mark.slow
+def test_decode_packages_generate_like_generate(llama, tmp_path):
+    model, _, _, _ = llama
+    result = hetgraph.export(model, tmp_path, decode=True, batch_size=BATCH, max_cache_len=CACHE, package=True)
+    ids = prompt()
+    out = generate_with_exported(result.prefill_package, result.decode_package, ids, NEW)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=NEW, **GREEDY))
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def test_export_refuses_shapes_it_cannot_serve(llama, tmp_path):
+    model = llama[0]
+    with pytest.raises(ValueError, match=r"7 tokens \(shape \(2, 7\)\); max_cache_len=6 serves at most 6"):
+        hetgraph.export(model, tmp_path, input_ids=prompt(7), decode=True, max_cache_len=6)
+    with pytest.raises(ValueError, match=r"input_ids has batch 2 \(shape \(2, 6\)\), batch_size=3"):
+        hetgraph.export(model, tmp_path, input_ids=prompt(), batch_size=3)
+    with pytest.raises(ValueError, match="decode=True needs max_cache_len"):
+        hetgraph.export(model, tmp_path, decode=True)
+    with pytest.raises(ValueError, match=r"\[batch, prompt_len\] tensor, got \(6,\)"):
+        hetgraph.export(model, tmp_path, input_ids=prompt()[0])
+    with pytest.raises(TypeError, match="not built by hetgraph"):
+        hetgraph.export(torch.nn.Linear(2, 2), tmp_path)
+    assert not os.listdir(tmp_path)
+
+
+def test_loaded_programs_name_expected_and_given_shapes(llama):
+    _, prefill, decode, _ = llama
+    program = torch.export.load(prefill.prefill).module()  # torch.export's own checks
+    with pytest.raises(RuntimeError, match=r"args\[0\].shape\[0\] to be equal to 2, but got 3"):
+        program(prompt(batch=3))
+    with pytest.raises(RuntimeError, match=r"args\[0\].shape\[1\] to be <= 256, but got 300"):
+        program(prompt(300))
+    prefill_step, step = (torch.export.load(p).module() for p in (decode.prefill, decode.decode))
+    _, state = prefill_step(prompt())
+    with pytest.raises(RuntimeError, match=r"args\[0\].shape\[1\] to be equal to 1, but got 2"):
+        step(prompt(2), state)
+    state["layers.1.keys"] = state["layers.1.keys"][:, :, :2]
+    with pytest.raises(RuntimeError, match=r"\['layers.1.keys'\].shape\[2\] to be equal to 3, but got 2"):
+        step(prompt(1), state)
+    with pytest.raises(ValueError, match=r"serve batch 2, input_ids has shape \(3, 6\)"):
+        generate_with_exported(decode.prefill, decode.decode, prompt(batch=3), 4)
+    with pytest.raises(ValueError, match=r"prompts of up to 24 tokens, input_ids has shape \(2, 25\)"):
+        generate_with_exported(decode.prefill, decode.decode, prompt(25), 1)
+    with pytest.raises(ValueError, match=r"need 26 cache positions; max_cache_len=24"):
+        generate_with_exported(decode.prefill, decode.decode, prompt(), 21)
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+
+def test_cli_export_and_show_graph(llama, checkpoint, tmp_path, capsys):
+    src = checkpoint(hetero_config("llama"))
+    out = tmp_path / "out"
+    code = main(["export", src, "--out", str(out), "--decode", "--batch-size", "1", "--max-cache-len", "16"])
+    assert code == 0
+    assert sorted(os.listdir(out)) == ["decode.pt2", "prefill.pt2"]
+    ids = prompt(batch=1)
+    model = hetgraph.from_pretrained(src)
+    got = generate_with_exported(str(out / "prefill.pt2"), str(out / "decode.pt2"), ids, 5)
+    assert torch.equal(got, model.generate(ids, max_new_tokens=5, **GREEDY))
+    capsys.readouterr()
+
+    assert main(["export", src, "--out", str(tmp_path / "bad"), "--decode"]) == 2
+    assert "needs max_cache_len" in capsys.readouterr().err
+
+    assert main(["show-graph", src]) == 0
+    text = capsys.readouterr().out
+    spec = hetgraph.build.model_spec(model)
+    blocks = re.split(r"^layer (\d+): ", text, flags=re.M)
+    listing = {int(blocks[k]): blocks[k + 1] for k in range(1, len(blocks), 2)}
+    assert sorted(listing) == list(range(len(spec)))
+    for i, s in enumerate(spec):
+        assert listing[i].startswith(s.describe())
+        assert ("scaled_dot_product_attention x1" in listing[i]) == s.has_attention
+    assert "(no ops)" in listing[4]
+    assert "4 attention op(s) for 4 attention layer(s)" in text

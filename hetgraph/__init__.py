@@ -4,6 +4,7 @@ from hetgraph.backend import BackendOptions, register as _register_backend
 from hetgraph.build import from_config, from_pretrained
 from hetgraph.cache import make_cache
 from hetgraph.explain import explain
+from hetgraph.export import export, generate_with_exported
 from hetgraph.spec import HeteroConfigError, LayerSpec, ModelSpec
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "from_pretrained",
     "make_cache",
     "explain",
+    "export",
+    "generate_with_exported",
     "BackendOptions",
     "HeteroConfigError",
     "LayerSpec",

@@ -21,12 +21,16 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DummyLayer
 
 from hetgraph.spec import ModelSpec
 
 MASKS_KWARG = "hetgraph_masks"
 ROPE_KWARG = "hetgraph_rope"
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+# Mask key of recurrent (mamba) layers: the 2D padding mask of the new tokens, None in single-token
+# decode, as transformers' `create_recurrent_attention_mask` gives them.
+RECURRENT = ("recurrent", None)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,10 @@ class ModelInputsHook:
     def __init__(self, spec: ModelSpec, base_model: torch.nn.Module, attn_implementation: str):
         self.groups = window_groups(spec)
         self.first_attention = spec.attention_layers[0] if spec.attention_layers else None
+        self.recurrent = any(s.has_mamba for s in spec)
+        # Layers that hold no attention or mamba state: a cache built by transformers from the config
+        # gives them a real (empty) layer; hetgraph swaps in a DummyLayer, as `make_cache` does.
+        self.stateless = tuple(s.index for s in spec if not s.has_attention and not s.has_mamba)
         self.attn_implementation = attn_implementation
         self.accepts_mask_mapping = spec.adapter.accepts_mask_mapping
         params = list(inspect.signature(base_model.forward).parameters)
@@ -98,6 +106,7 @@ class ModelInputsHook:
         batch, q_len, device = ref.shape[0], ref.shape[1], ref.device
         cache = kwargs.get("cache")
         padding = _padding_mask(kwargs.get("attention_mask"), device)
+        _drop_unused_cache_layers(cache, self.stateless)
 
         if kwargs.get("position_ids") is None:
             # The stock forward asks layer 0 for the past length; layer 0 may hold no attention.
@@ -107,6 +116,9 @@ class ModelInputsHook:
         masks = {}
         for group in self.groups:
             masks[group.window] = self._mask(group, cache, q_len, padding, device, module.dtype)
+        if self.recurrent:
+            pad2d = kwargs.get("attention_mask")
+            masks[RECURRENT] = None if padding is None or q_len == 1 else pad2d[:, -q_len:].contiguous()
         kwargs[MASKS_KWARG] = masks
         # The stock mask builders would read per-layer attributes globally; give them nothing to build.
         first = next(iter(masks.values()), None)
@@ -157,6 +169,9 @@ class _AllLayerTypes(dict):
     def __missing__(self, key):
         return self.value
 
+    def get(self, key, default=None):  # NemotronH's forward reads `mapping.get(block_type)`
+        return self.value
+
 
 def _padding_mask(attention_mask, device) -> torch.Tensor | None:
     """The 2D padding mask [B, L] as bool, or None when every token is real."""
@@ -172,6 +187,21 @@ def _padding_mask(attention_mask, device) -> torch.Tensor | None:
             f"{tuple(attention_mask.shape)}: per-layer windows need the padding, not a prebuilt 4D mask"
         )
     return attention_mask.to(device=device, dtype=torch.bool)
+
+
+def _drop_unused_cache_layers(cache, layers: tuple[int, ...]) -> None:
+    """Give layers without attention (or mamba state) a `DummyLayer` in a cache transformers built.
+
+    Eager only, before the first update: it edits a Python list, which a compiled graph must not do.
+    """
+    if cache is None or not layers or torch.compiler.is_compiling():
+        return
+    cache_layers = getattr(cache, "layers", None)
+    if not isinstance(cache_layers, list):
+        return
+    for i in layers:
+        if i < len(cache_layers) and not isinstance(cache_layers[i], DummyLayer):
+            cache_layers[i] = DummyLayer()  # the model never reads or writes this layer
 
 
 def _padding_4d(padding: torch.Tensor) -> torch.Tensor:

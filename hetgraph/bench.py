@@ -142,6 +142,74 @@ def make_preset(name: str, scale: int = 1) -> Preset:
         }
         return Preset(name, _with_layers(parent, per_layer), parent, short_prompt=128, long_prompt=2048,
                       decode_tokens=128, notes="Llama-3.1-8B shapes, Super-49B pattern (GPU)")
+    if name == "gpt-oss-puzzle":  # GptOss as gpt-oss-puzzle varies it: expert counts and windows per layer
+        layers = 8 * scale
+        parent = dict(
+            model_type="gpt_oss", hidden_size=hidden, num_hidden_layers=layers, vocab_size=4096,
+            intermediate_size=hidden // 2, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+            num_local_experts=16, num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072,
+            tie_word_embeddings=False,
+        )  # the stock pattern: sliding 128 on even layers, full attention on odd ones
+        per_layer = {}
+        for i in range(layers):
+            o = {"num_local_experts": 8} if i % 4 in (1, 2) else {}  # half the layers keep half the experts
+            if i % 4 == 1:
+                o["sliding_window"] = 512  # a full-attention layer of the parent turned into a long window
+            elif i % 4 == 3 and i != layers - 1:
+                o["sliding_window"] = 64  # a short window on a parent full layer
+            per_layer[i] = o
+        notes = "GptOss, Puzzle-like: per-layer expert counts (16/8) and windows (64/128/512/full)"
+        return Preset(name, _with_layers(parent, per_layer), parent, notes=notes)
+    if name == "llama4-chunked":  # Llama4 text: chunked and NoPE layers, MoE interleaved, pruned per layer
+        layers = 8 * scale
+        parent = dict(
+            model_type="llama4_text", hidden_size=hidden, num_hidden_layers=layers, vocab_size=4096,
+            intermediate_size=hidden, intermediate_size_mlp=2 * hidden, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=1,
+            interleave_moe_layer_step=2, attention_chunk_size=256, no_rope_layer_interval=4,
+            max_position_embeddings=8192, tie_word_embeddings=False,
+        )  # layers 3, 7, ... NoPE (global attention); odd layers MoE; others chunked 256
+        per_layer = {}
+        for i in range(layers):
+            o = {}
+            if i % 4 == 0:
+                o["attention_chunk_size"] = 64
+            if i % 4 == 1:
+                o["num_local_experts"] = 4
+            if i % 4 == 2:
+                o.update(intermediate_size_mlp=hidden, num_key_value_heads=1)
+            if i % 8 == 5:
+                o["skip"] = ["attention"]
+            per_layer[i] = o
+        notes = "Llama4 text: chunks 64/256, NoPE every 4th layer, MoE 8/4 experts, pruned widths, attention removed"
+        return Preset(name, _with_layers(parent, per_layer), parent, notes=notes)
+    if name == "nemotron-h-hybrid":  # NemotronH: mamba-heavy hybrid, pruned per block
+        pattern = ["linear_attention", "mlp", "linear_attention", "full_attention", "linear_attention", "moe"]
+        blocks = pattern * (2 * scale)
+        parent = dict(
+            model_type="nemotron_h", hidden_size=hidden, layers_block_type=blocks, vocab_size=4096,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=64, intermediate_size=2 * hidden,
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=hidden // 2,
+            moe_shared_expert_intermediate_size=hidden, mamba_num_heads=hidden // 32, mamba_head_dim=64,
+            ssm_state_size=64, n_groups=4, conv_kernel=4, chunk_size=128, max_position_embeddings=8192,
+            tie_word_embeddings=False,
+        )
+        per_layer = {}
+        for i, block in enumerate(blocks):
+            o = {}
+            if block == "linear_attention" and i % 4 == 2:
+                o["mamba_num_heads"] = hidden // 64  # half the mamba heads
+            if block == "mlp":
+                o["intermediate_size"] = hidden if i % 12 == 1 else 2 * hidden
+                if i % 12 == 7:
+                    o = {"skip": ["mixer"]}  # a removed MLP block
+            if block == "moe" and i % 12 == 5:
+                o["num_local_experts"] = 4
+            if block == "full_attention" and i % 12 == 9:
+                o = {"skip": ["mixer"]}  # every other attention block removed
+            per_layer[i] = o
+        notes = "NemotronH hybrid (M-M*M E pattern): pruned mamba heads, MLP widths, experts; blocks removed"
+        return Preset(name, _with_layers(parent, per_layer), parent, notes=notes)
     if name.startswith("variants-"):  # compile-scaling study: N layers of 3 repeating variants
         layers = int(name.split("-")[1])
         parent = _base(256, layers)
@@ -161,7 +229,16 @@ def make_preset(name: str, scale: int = 1) -> Preset:
     raise ValueError(f"unknown preset {name!r}; known: {list(PRESETS)} and variants-N / puzzle-N")
 
 
-PRESETS = ("puzzle", "drop-attn", "width-pruned", "windowed", "homogeneous")
+PRESETS = (
+    "puzzle",
+    "drop-attn",
+    "width-pruned",
+    "windowed",
+    "homogeneous",
+    "gpt-oss-puzzle",
+    "llama4-chunked",
+    "nemotron-h-hybrid",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +329,8 @@ def run_worker(job: dict) -> dict:
     params = list(model.named_parameters())
     result["weight_bytes"] = sum(p.nbytes for _, p in params)
     # A decode step streams every weight but the embedding table (one row of it).
-    result["streamed_bytes_per_token"] = sum(p.nbytes for n, p in params if "embed_tokens" not in n) + result["kv_bytes"]
+    # (NemotronH calls it `embeddings`; a MoE streams only its routed experts, counted here in full.)
+    result["streamed_bytes_per_token"] = sum(p.nbytes for n, p in params if ".embed" not in n) + result["kv_bytes"]
     return result
 
 

@@ -20,7 +20,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from hetgraph import attention
 from hetgraph.arch import FamilyAdapter
 from hetgraph.backend import tag_parameters
-from hetgraph.spec import FULL, LINEAR, SKIP, HeteroConfigError, ModelSpec, config_from_dict
+from hetgraph.spec import FULL, LINEAR, NONE, SKIP, HeteroConfigError, ModelSpec, config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,21 @@ class SkippedBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"removed {self.block}"
+
+
+class SkippedLayer(nn.Module):
+    """A decoder layer whose only block was removed (NemotronH): the identity, with no parameters or cache."""
+
+    def __init__(self, block: str, block_type: str):
+        super().__init__()
+        self.block = block
+        self.block_type = block_type  # the stock forward picks each layer's mask by it
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+    def extra_repr(self) -> str:
+        return f"removed {self.block} ({self.block_type})"
 
 
 class SkippedNorm(nn.Module):
@@ -80,23 +95,37 @@ def _parent_config(config: PreTrainedConfig) -> PreTrainedConfig:
     return parent
 
 
-def _layer_config(config: PreTrainedConfig, i: int, attn_implementation: str) -> PreTrainedConfig:
+def _layer_config(
+    config: PreTrainedConfig, i: int, attn_implementation: str, experts_implementation: str | None = None
+) -> PreTrainedConfig:
     lc = config.per_layer_config[i]
     if lc is config:
         lc = copy.copy(config)
-    # A layer config is a copy taken now: carry the implementation, or masks and logging go wrong.
+    # A layer config is a copy taken now: carry the implementations, or masks, logging and MoE
+    # dispatch go wrong (experts keep their layer config and dispatch on it).
     lc._attn_implementation = attn_implementation
+    if experts_implementation is not None:
+        lc._experts_implementation = experts_implementation
     return lc
 
 
-def _build_layer(adapter: FamilyAdapter, config, spec: ModelSpec, i: int, attn_implementation: str) -> nn.Module:
-    lc = _layer_config(config, i, attn_implementation)
+def _build_layer(
+    adapter: FamilyAdapter, config, spec: ModelSpec, i: int, attn_implementation: str, experts_implementation=None
+) -> nn.Module:
+    lc = _layer_config(config, i, attn_implementation, experts_implementation)
     s = spec[i]
+    whole = next((b for b in adapter.blocks if b.whole_layer and getattr(s, b.name) == SKIP), None)
+    if whole is not None:
+        block_type = config._getattr_without_heterogeneous_validation(adapter.mixer_list)[i]
+        return SkippedLayer(s.mixer_type or whole.name, block_type)
     layer = adapter.decoder_layer_class(_config_for_kept_blocks(lc, s), i)
     for block in adapter.blocks:
         kind = getattr(s, block.name)
         if kind == SKIP:
-            setattr(layer, block.module, SkippedBlock(block.name, block.returns_tuple))
+            returns_tuple = block.returns_tuple
+            if isinstance(returns_tuple, str):  # decided per layer, e.g. Llama4's `is_moe_layer`
+                returns_tuple = bool(getattr(layer, returns_tuple))
+            setattr(layer, block.module, SkippedBlock(block.name, returns_tuple))
             setattr(layer, block.norm, SkippedNorm())
         elif kind == LINEAR:
             linear = LinearBlock(block.name, block.linear_weight, spec.hidden_size, block.returns_tuple)
@@ -106,12 +135,14 @@ def _build_layer(adapter: FamilyAdapter, config, spec: ModelSpec, i: int, attn_i
 
 def _config_for_kept_blocks(lc, s):
     """The stock layer constructor sizes every block: give a block that will be replaced size 1."""
-    if s.attention == FULL and s.mlp == FULL:
+    if s.attention in (FULL, NONE) and s.mlp in (FULL, NONE):
         return lc
     cfg = copy.copy(lc)
-    if s.mlp != FULL:
+    if s.mlp not in (FULL, NONE):
         cfg.intermediate_size = 1
-    if s.attention != FULL:
+        if hasattr(cfg, "intermediate_size_mlp"):  # Llama4's dense MLP width
+            cfg.intermediate_size_mlp = 1
+    if s.attention not in (FULL, NONE):
         cfg.num_attention_heads = cfg.num_key_value_heads = cfg.head_dim = 1
     return cfg
 
@@ -120,15 +151,16 @@ def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementatio
     """Hooks that feed per-window masks and per-head-dim RoPE through the stock forward."""
     base = getattr(model, spec.adapter.base_model_attr)
     global_head_dim = _global_head_dim(model.config)
-    extra_dims = sorted({s.head_dim for s in spec if s.has_attention and s.head_dim != global_head_dim})
-    if extra_dims:
-        rotary_cls = type(base.rotary_emb)
+    extra_dims = sorted({s.head_dim for s in spec if s.uses_rope and s.head_dim != global_head_dim})
+    if extra_dims and spec.adapter.rotary is not None:
+        rotary_cls = type(getattr(base, spec.adapter.rotary))
         base.hetgraph_rotary = nn.ModuleDict(
             {str(d): rotary_cls(_config_with_head_dim(model.config, d)) for d in extra_dims}
         )
     base.register_forward_pre_hook(attention.ModelInputsHook(spec, base, attn_implementation), with_kwargs=True)
     for s, layer in zip(spec, base.layers):
-        layer.register_forward_pre_hook(attention.LayerInputsHook(s.window, s.head_dim), with_kwargs=True)
+        mask_key = s.window if s.has_attention else attention.RECURRENT if s.has_mamba else None
+        layer.register_forward_pre_hook(attention.LayerInputsHook(mask_key, s.head_dim), with_kwargs=True)
     # `generate` looks this up on the model; hetgraph builds masks inside the forward instead.
     model.create_masks_for_generate = attention.create_masks_for_generate
     setattr(model, SPEC_ATTR, spec)
@@ -189,20 +221,41 @@ def model_spec(model: nn.Module) -> ModelSpec:
     return spec
 
 
-def build_skeleton(config, attn_implementation: str = "sdpa") -> tuple[PreTrainedModel, ModelSpec]:
-    """The model with every tensor on the meta device; `materialize` gives it storage."""
+def _canonical_overrides(config) -> None:
+    """Rewrite per-layer keys given under an `attribute_map` alias (GptOss `num_experts`) to the real name."""
+    if not config.is_heterogeneous:
+        return
+    aliases = config._getattr_without_heterogeneous_validation("attribute_map") or {}
+    raw = config._heterogeneity_spec.per_layer_overrides
+    if any(key in aliases for o in raw.values() for key in o):
+        canonical = {i: {aliases.get(k, k): v for k, v in o.items()} for i, o in raw.items()}
+        config.per_layer_config = None
+        config.per_layer_config = canonical
+
+
+def build_skeleton(config, attn_implementation: str | None = None) -> tuple[PreTrainedModel, ModelSpec]:
+    """The model with every tensor on the meta device; `materialize` gives it storage.
+
+    `attn_implementation` defaults to the family's first supported one ("sdpa"; GptOss: "eager").
+    """
     config = normalize_config(config)
-    if attn_implementation not in attention.SUPPORTED_ATTN_IMPLEMENTATIONS:
-        raise HeteroConfigError(
-            f"attn_implementation={attn_implementation!r} is not supported; allowed: "
-            f"{list(attention.SUPPORTED_ATTN_IMPLEMENTATIONS)}"
-        )
     spec = ModelSpec.from_config(config)
     adapter = spec.adapter
+    attn_implementation = attn_implementation or adapter.attn_implementations[0]
+    allowed = [a for a in adapter.attn_implementations if a in attention.SUPPORTED_ATTN_IMPLEMENTATIONS]
+    if attn_implementation not in allowed:
+        raise HeteroConfigError(
+            f"attn_implementation={attn_implementation!r} is not supported for {adapter.name}; allowed: {allowed}"
+        )
+    _canonical_overrides(config)
     config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = adapter.causal_lm_class(_parent_config(config))
-        layers = [_build_layer(adapter, config, spec, i, attn_implementation) for i in range(len(spec))]
+        # The stock constructor resolved the experts implementation on the parent; layers need it too.
+        experts = getattr(model.config, "_experts_implementation", None)
+        if experts is not None:
+            config._experts_implementation = experts
+        layers = [_build_layer(adapter, config, spec, i, attn_implementation, experts) for i in range(len(spec))]
     base = getattr(model, adapter.base_model_attr)
     base.layers = nn.ModuleList(layers)
     _allow_global_reads(adapter, config)
@@ -223,14 +276,19 @@ def materialize(model, spec, *, device, dtype) -> None:
             model._init_weights(module)
 
 
-def from_config(config, *, dtype: torch.dtype | None = None, device=None, attn_implementation: str = "sdpa"):
+def from_config(config, *, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None):
     """A randomly initialised heterogeneous model of the family's stock `*ForCausalLM` class."""
     model, spec = build_skeleton(config, attn_implementation)
     dtype = dtype or torch.float32
     materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype)
+    if spec.adapter.init_layer is not None:
+        # What the stock `_init_weights` would size from the global config, initialised per layer.
+        base = getattr(model, spec.adapter.base_model_attr)
+        for i, layer in enumerate(base.layers):
+            spec.adapter.init_layer(layer, model.config.per_layer_config[i])
     model.initialize_weights()
     model.tie_weights()
-    _install_runtime(model, spec, attn_implementation)
+    _install_runtime(model, spec, model.config._attn_implementation)
     model.eval()
     return model
 
@@ -248,16 +306,21 @@ def _config_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def from_pretrained(path: str, *, dtype: torch.dtype | None = None, device=None, attn_implementation: str = "sdpa"):
+def from_pretrained(
+    path: str, *, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None
+):
     """Load a local checkpoint directory (config.json + safetensors) onto the stock class.
 
     No hub access, no pickle, no remote code. Every tensor is checked before storage is allocated.
     """
-    from hetgraph import checkpoint
+    from hetgraph import checkpoint, formats
 
     config_dict = checkpoint.read_config(path)
     model, spec = build_skeleton(config_dict, attn_implementation)
-    index = checkpoint.TensorIndex.open(path)
+    # Stored names -> hetgraph's, per the checkpoint's layout (e.g. LLM-Drop's leftover tensors dropped).
+    index = formats.map_index(config_dict, checkpoint.TensorIndex.open(path))
+    if spec.adapter.checkpoint_index is not None:  # the family's stored layout (NemotronH: `backbone.`)
+        index = spec.adapter.checkpoint_index(index)
     checkpoint.check_tensors(_expected_tensors(model), index)
     dtype = dtype or _config_dtype(model.config)
     materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype)
@@ -266,6 +329,6 @@ def from_pretrained(path: str, *, dtype: torch.dtype | None = None, device=None,
         for name in index.shapes:
             params[name].copy_(index.load(name))
     model.tie_weights()
-    _install_runtime(model, spec, attn_implementation)
+    _install_runtime(model, spec, model.config._attn_implementation)
     model.eval()
     return model

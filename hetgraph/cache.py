@@ -4,7 +4,10 @@
   * no attention (removed or linear): a transformers `DummyLayer` (nothing stored);
   * full attention: a transformers `StaticLayer` of `max_cache_len` positions, allocated with the
     layer's own KV heads and head_dim;
-  * sliding window W / chunk C: a `StaticWindowLayer` of min(W, max_cache_len) positions.
+  * sliding window W / chunk C: a `StaticWindowLayer` of min(W, max_cache_len) positions;
+  * a mamba mixer (NemotronH): a transformers `LinearAttentionLayer`, its conv and recurrent states
+    allocated now with the layer's own mamba dims (the recurrent state in fp32, as the stock scan
+    returns it).
 
 Stock sliding-window cache layers keep a Python-int length that dynamo guards on, so every decode
 step recompiles. `StaticWindowLayer` keeps its length in a tensor and a fixed layout instead.
@@ -13,7 +16,7 @@ step recompiles. `StaticWindowLayer` keeps its length in a tensor and a fixed la
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DummyLayer, StaticLayer
+from transformers.cache_utils import Cache, DummyLayer, LinearAttentionLayer, StaticLayer
 
 from hetgraph.spec import ModelSpec
 
@@ -100,6 +103,9 @@ def make_cache(model, *, batch_size: int, max_cache_len: int, dtype: torch.dtype
     device = model.device
     layers = []
     for s in spec:
+        if s.has_mamba:
+            layers.append(_mamba_layer(s, batch_size, dtype, device))
+            continue
         if not s.has_attention:
             layers.append(DummyLayer())
             continue
@@ -109,3 +115,16 @@ def make_cache(model, *, batch_size: int, max_cache_len: int, dtype: torch.dtype
         layer.lazy_initialization(empty, empty)
         layers.append(layer)
     return HeteroCache(layers, max_cache_len=max_cache_len, batch_size=batch_size)
+
+
+def _mamba_layer(s, batch_size: int, dtype: torch.dtype, device) -> LinearAttentionLayer:
+    """A transformers linear-attention cache layer with its states allocated (static addresses)."""
+    d = dict(s.extra)
+    heads, head_dim, state = d["mamba_num_heads"], d["mamba_head_dim"], d["ssm_state_size"]
+    conv_dim = heads * head_dim + 2 * d["n_groups"] * state
+    layer = LinearAttentionLayer()
+    layer.lazy_initialization(
+        conv_states=torch.zeros((batch_size, conv_dim, d["conv_kernel"]), dtype=dtype, device=device),
+        recurrent_states=torch.zeros((batch_size, heads, head_dim, state), dtype=torch.float32, device=device),
+    )
+    return layer

@@ -56,6 +56,69 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    """Rewrite a checkpoint (Nemotron-NAS, LLM-Drop or per-layer) into the per_layer_config layout, tensor by tensor."""
+    from hetgraph.formats.convert import convert as convert_checkpoint, parse_size
+
+    try:
+        max_shard_size = parse_size(args.max_shard_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    written = convert_checkpoint(args.src, args.dst, max_shard_size=max_shard_size, progress=not args.quiet)
+    print(f"wrote {len(written)} file(s) to {args.dst}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """Export a checkpoint's specialized graphs as torch.export programs (.pt2), optionally decode and AOTInductor."""
+    import torch
+
+    from hetgraph.build import from_pretrained
+    from hetgraph.export import export as export_model
+
+    model = from_pretrained(args.src)
+    input_ids = torch.zeros((args.batch_size, args.prompt_len), dtype=torch.long)
+    try:
+        result = export_model(
+            model,
+            args.out,
+            input_ids=input_ids,
+            decode=args.decode,
+            batch_size=args.batch_size,
+            max_cache_len=args.max_cache_len,
+            package=args.package,
+            progress=True,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for name in ("prefill", "decode", "prefill_package", "decode_package"):
+        if getattr(result, name):
+            print(f"{name}: {getattr(result, name)}")
+    return 0
+
+
+def show_graph(args: argparse.Namespace) -> int:
+    """Per-layer listing of a checkpoint's specialized prefill graph: each layer's spec and its ops by count."""
+    import torch
+
+    from hetgraph.build import from_pretrained, model_spec
+    from hetgraph.export import describe_graph, prefill_program
+
+    model = from_pretrained(args.src)
+    ep, _ = prefill_program(model, input_ids=torch.zeros((1, args.prompt_len), dtype=torch.long))
+    print(describe_graph(ep, model_spec(model)))
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Benchmarks: eager vs Inductor vs hetgraph on heterogeneity presets (`bench --help` for options)."""
+    from hetgraph.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "inspect",
@@ -75,6 +138,38 @@ COMMANDS: tuple[Command, ...] = (
             _arg("--repeats", type=int, default=5, help="timed repeats per engine (default 5)"),
         ),
     ),
+    Command(
+        "convert",
+        convert,
+        (
+            _arg("src", help="checkpoint directory (config.json + safetensors) in any layout hetgraph reads"),
+            _arg("dst", help="new directory for the per_layer_config checkpoint (must not exist or be empty)"),
+            _arg("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB, 64MiB (default 2GB)"),
+            _arg("--quiet", action="store_true", help="no progress bar"),
+        ),
+    ),
+    Command(
+        "export",
+        export,
+        (
+            _arg("src", help="checkpoint directory (config.json + safetensors)"),
+            _arg("--out", required=True, help="directory for prefill.pt2 (and decode.pt2, *.aoti.pt2)"),
+            _arg("--decode", action="store_true", help="also a decode step with the KV cache as explicit state"),
+            _arg("--package", action="store_true", help="also compile each program into an AOTInductor package"),
+            _arg("--batch-size", type=int, default=1, help="batch the programs serve (default 1)"),
+            _arg("--max-cache-len", type=int, help="positions a full-attention layer holds (needed with --decode)"),
+            _arg("--prompt-len", type=int, default=8, help="traced prompt length (default 8; any is served)"),
+        ),
+    ),
+    Command("bench", bench, (_arg("bench_args", nargs=argparse.REMAINDER, help="options of benchmarks/run.py"),)),
+    Command(
+        "show-graph",
+        show_graph,
+        (
+            _arg("src", help="checkpoint directory (config.json + safetensors)"),
+            _arg("--prompt-len", type=int, default=8, help="example prompt length to trace with (default 8)"),
+        ),
+    ),
 )
 
 
@@ -92,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its options (and --help) belong to benchmarks/run.py
+        from hetgraph.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

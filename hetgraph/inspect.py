@@ -8,6 +8,7 @@ is inspected the same way.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
@@ -15,7 +16,8 @@ from typing import Any, Mapping
 import torch
 from transformers import PreTrainedConfig
 
-from hetgraph.build import _parent_config, normalize_config
+from hetgraph import formats
+from hetgraph.build import _parent_config, build_skeleton, normalize_config
 from hetgraph.checkpoint import read_config
 from hetgraph.spec import FULL, LINEAR, SKIP, HeteroConfigError, LayerSpec, ModelSpec
 
@@ -50,12 +52,10 @@ class _Sizes:
     qk_norm: bool
 
     @classmethod
-    def of(cls, spec: ModelSpec, config: PreTrainedConfig) -> "_Sizes":
+    def of(cls, spec: ModelSpec, config: PreTrainedConfig) -> "_Sizes | _SkeletonSizes":
         layout = _LAYOUTS.get(spec.adapter.name)
-        if layout is None:
-            raise HeteroConfigError(
-                f"inspect does not know the parameter layout of family {spec.adapter.name!r}; known: {sorted(_LAYOUTS)}"
-            )
+        if layout is None:  # experts, mamba mixers: read off the stock layers on the meta device
+            return _SkeletonSizes.of(config)
 
         def flag(rule: bool | str) -> bool:
             return bool(getattr(config, rule, False)) if isinstance(rule, str) else rule
@@ -87,6 +87,45 @@ class _Sizes:
         width = s.intermediate_size
         n = 3 * self.hidden * width + self.hidden  # gate, up, down; post-attention norm
         return n + (2 * width + self.hidden) * self.mlp_bias
+
+
+class _SkeletonSizes:
+    """Per-layer parameter counts of families whose blocks are more than a formula (GptOss, Llama4,
+    NemotronH: experts, mamba mixers), read off the stock layers built on the meta device (no
+    storage) for the model and for its homogeneous parent, keyed by layer variant. A single-mixer
+    block counts as attention (attention, mamba) or as MLP (MLP, MoE)."""
+
+    def __init__(self, counts: dict[tuple, tuple[int, int]]):
+        self.counts = counts  # variant key -> (attention parameters, mlp parameters)
+
+    @classmethod
+    def of(cls, config: PreTrainedConfig) -> "_SkeletonSizes":
+        counts: dict[tuple, tuple[int, int]] = {}
+        for cfg in (config, _parent_config(config)):
+            model, spec = build_skeleton(copy.deepcopy(cfg))
+            layers = getattr(model, spec.adapter.base_model_attr).layers
+            for s, layer in zip(spec, layers):
+                counts.setdefault(s.variant_key, cls._layer_counts(spec.adapter, s, layer))
+        return cls(counts)
+
+    @staticmethod
+    def _layer_counts(adapter, s: LayerSpec, layer) -> tuple[int, int]:
+        blocks = {"attention": 0, "mlp": 0}
+        for block in adapter.blocks:
+            n = sum(_numel(getattr(layer, name, None)) for name in (block.module, block.norm))
+            side = block.name if block.name in blocks else "mlp" if s.mixer_type in ("mlp", "moe") else "attention"
+            blocks[side] += n
+        return blocks["attention"], blocks["mlp"]
+
+    def attention(self, s: LayerSpec) -> int:
+        return self.counts[s.variant_key][0]
+
+    def mlp(self, s: LayerSpec) -> int:
+        return self.counts[s.variant_key][1]
+
+
+def _numel(module) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
 @dataclass(frozen=True)
@@ -134,6 +173,7 @@ class Report:
     totals: Totals
     parent: Totals  # the global values applied to every layer, nothing removed
     source: str | None = None
+    layout: str | None = None  # the checkpoint layout read (`hetgraph.formats`), None for per_layer_config
 
     @property
     def ratio(self) -> dict[str, float | None]:
@@ -146,6 +186,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
+            "layout": self.layout,
             "model_type": self.model_type,
             "num_layers": len(self.rows),
             "hidden_size": self.hidden_size,
@@ -164,7 +205,8 @@ class Report:
         lm_head = "tied to embeddings" if self.tie_word_embeddings else "untied"
         lines = [
             *([self.source] if self.source else []),
-            f"{self.model_type}: {len(self.rows)} layers, hidden {self.hidden_size}, vocab {self.vocab_size}, "
+            f"{self.model_type}{f' (read from the {self.layout} layout)' if self.layout else ''}: "
+            f"{len(self.rows)} layers, hidden {self.hidden_size}, vocab {self.vocab_size}, "
             f"lm_head {lm_head}, KV bytes in {self.dtype} ({self.dtype_bytes} per value)",
             f"attention blocks: {self._block_counts('attention')}; mlp blocks: {self._block_counts('mlp')}",
             "",
@@ -204,6 +246,7 @@ def inspect_config(config_or_path: Mapping | PreTrainedConfig | str | os.PathLik
         if not isinstance(config_or_path, Mapping):
             kind = type(config_or_path).__name__
             raise HeteroConfigError(f"{source}: a config must be a JSON object, got a JSON {kind}")
+    layout = formats.detect(config_or_path) if isinstance(config_or_path, Mapping) else None
     config = normalize_config(config_or_path)
     spec = ModelSpec.from_config(config)
     try:
@@ -230,6 +273,7 @@ def inspect_config(config_or_path: Mapping | PreTrainedConfig | str | os.PathLik
         totals=_totals(rows, other),
         parent=_totals(parent_rows, other),
         source=source,
+        layout=layout.name if layout else None,
     )
 
 
@@ -264,10 +308,14 @@ def _row_cells(r: LayerRow) -> list[str]:
     def opt(value: int | None) -> str:
         return "-" if value is None else str(value)
 
+    attention, mlp = s.attention, s.mlp
+    if s.mixer_type is not None:  # one mixer per block (NemotronH): name the mixer, "-" for the absent side
+        attention = {"attention": s.attention, "mamba": f"mamba {s.mamba}"}.get(s.mixer_type, "-")
+        mlp = {"mlp": s.mlp, "moe": f"moe {s.mlp}"}.get(s.mixer_type, "-")
     return [
         str(s.index),
-        s.attention,
-        s.mlp,
+        attention,
+        mlp,
         opt(s.intermediate_size),
         opt(s.num_attention_heads),
         opt(s.num_key_value_heads),

@@ -16,11 +16,23 @@ from transformers import CONFIG_MAPPING, PreTrainedConfig
 from hetgraph.arch import FamilyAdapter, adapter_for
 
 FULL, SKIP, LINEAR = "full", "skip", "linear"
+NONE = "none"  # the layer has no such block by construction (a NemotronH mamba block has no MLP)
 BLOCK_KINDS = (FULL, SKIP, LINEAR)
 # Per-layer keys that name blocks rather than attributes.
 BLOCK_LIST_KEYS = ("skip", "linear")
 # A residual stream has one width and one vocabulary: these can never vary per layer.
-_GLOBAL_ONLY = ("hidden_size", "vocab_size", "num_hidden_layers", "rope_parameters", "tie_word_embeddings")
+# Nor can the per-model lists that say what each layer is (they are indexed by layer already).
+_GLOBAL_ONLY = (
+    "hidden_size",
+    "vocab_size",
+    "num_hidden_layers",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "layer_types",
+    "layers_block_type",
+    "no_rope_layers",
+    "moe_layers",
+)
 
 
 class HeteroConfigError(ValueError):
@@ -38,10 +50,30 @@ class LayerSpec:
     intermediate_size: int | None = None  # None unless mlp is FULL
     sliding_window: int | None = None
     attention_chunk_size: int | None = None
+    mamba: str = NONE  # FULL / SKIP for a NemotronH mamba block
+    mixer_type: str | None = None  # single-mixer families: "attention" / "mamba" / "mlp" / "moe"
+    # Family-specific sizes that change the layer's code, as sorted (name, value) pairs: expert
+    # counts and widths, mamba dims, ("nope", True) for a Llama4 layer without RoPE.
+    extra: tuple[tuple[str, Any], ...] = ()
 
     @property
     def has_attention(self) -> bool:
         return self.attention == FULL
+
+    @property
+    def has_mamba(self) -> bool:
+        return self.mamba == FULL
+
+    @property
+    def mixer(self) -> str:
+        """The kind of a single-mixer block's mixer (FULL / SKIP); NONE for two-block layers."""
+        if self.mixer_type is None:
+            return NONE
+        return next(k for k in (self.attention, self.mlp, self.mamba) if k != NONE)
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.has_attention and not dict(self.extra).get("nope", False)
 
     @property
     def window(self) -> tuple[str, int | None] | None:
@@ -65,6 +97,9 @@ class LayerSpec:
             self.head_dim,
             self.intermediate_size,
             self.window,
+            self.mamba,
+            self.mixer_type,
+            self.extra,
         )
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
@@ -73,7 +108,10 @@ class LayerSpec:
         return 2 * self.num_key_value_heads * self.head_dim * dtype_bytes
 
     def describe(self) -> str:
-        parts = [f"attn={self.attention}", f"mlp={self.mlp}"]
+        if self.mixer_type is not None:
+            parts = [f"{self.mixer_type}={self.mixer}"]
+        else:
+            parts = [f"attn={self.attention}", f"mlp={self.mlp}"]
         if self.has_attention:
             parts.append(f"heads={self.num_attention_heads}/{self.num_key_value_heads}x{self.head_dim}")
             kind, size = self.window
@@ -81,6 +119,7 @@ class LayerSpec:
                 parts.append(f"{kind}={size}")
         if self.intermediate_size is not None:
             parts.append(f"ffn={self.intermediate_size}")
+        parts.extend(f"{name}={value}" for name, value in self.extra)
         return " ".join(parts)
 
 
@@ -122,11 +161,13 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config: PreTrainedConfig) -> "ModelSpec":
         adapter = adapter_for(config.model_type)
+        overrides = {}
         if config.is_heterogeneous:
-            _validate_overrides(adapter, config, config._heterogeneity_spec.per_layer_overrides)
+            overrides = _validate_overrides(adapter, config, config._heterogeneity_spec.per_layer_overrides)
         hidden = _global(config, "hidden_size")
         layers = tuple(
-            _layer_spec(adapter, config, i, config.per_layer_config[i], hidden) for i in range(config.num_hidden_layers)
+            _layer_spec(adapter, config, i, config.per_layer_config[i], hidden, overrides.get(i, {}))
+            for i in range(config.num_hidden_layers)
         )
         return cls(adapter=adapter, hidden_size=hidden, vocab_size=_global(config, "vocab_size"), layers=layers)
 
@@ -151,7 +192,26 @@ def _positive(i: int, attr: str, value: Any, optional: bool = False) -> int | No
     return value
 
 
-def _block_kinds(adapter: FamilyAdapter, i: int, layer_config: PreTrainedConfig) -> dict[str, str]:
+def _global_list(config: PreTrainedConfig, name: str) -> list:
+    return list(config._getattr_without_heterogeneous_validation(name, None) or [])
+
+
+def _mixer(adapter: FamilyAdapter, config: PreTrainedConfig, i: int) -> tuple[str, str] | None:
+    """(mixer type, skip alias) of layer i of a single-mixer family; None for two-block families."""
+    if adapter.mixer_list is None:
+        return None
+    block_type = _global_list(config, adapter.mixer_list)[i]
+    if block_type not in adapter.mixer_types:
+        raise HeteroConfigError(
+            f"layer {i}: {adapter.mixer_list}[{i}]={block_type!r} is not a known block type; "
+            f"allowed: {sorted(adapter.mixer_types)}"
+        )
+    return adapter.mixer_types[block_type]
+
+
+def _block_kinds(adapter: FamilyAdapter, i: int, layer_config: PreTrainedConfig, mixer) -> dict[str, str]:
+    if mixer is not None:
+        return _mixer_kinds(adapter, i, layer_config, mixer)
     kinds = {name: FULL for name in adapter.block_names}
     for key, kind in (("skip", SKIP), ("linear", LINEAR)):
         for name in getattr(layer_config, key, None) or []:
@@ -160,15 +220,50 @@ def _block_kinds(adapter: FamilyAdapter, i: int, layer_config: PreTrainedConfig)
                     f"layer {i}: block {name!r} is listed in both 'skip' and 'linear'; a block is one of {BLOCK_KINDS}"
                 )
             kinds[name] = kind
+    kinds.setdefault("mamba", NONE)
     return kinds
 
 
-def _window(adapter: FamilyAdapter, config: PreTrainedConfig, i: int, lc: PreTrainedConfig) -> tuple:
-    sliding = getattr(lc, "sliding_window", None)
-    chunk = getattr(lc, "attention_chunk_size", None)
+def _mixer_kinds(adapter: FamilyAdapter, i: int, layer_config: PreTrainedConfig, mixer) -> dict[str, str]:
+    """A single-mixer block: its one mixer is kept or removed; the other kinds are NONE."""
+    mixer_type, alias = mixer
+    kind = FULL
+    for name in getattr(layer_config, "skip", None) or []:
+        if name not in ("mixer", alias):
+            raise HeteroConfigError(
+                f"layer {i}: skip {name!r} does not match the block's type ({adapter.mixer_list}[{i}] is a "
+                f"{mixer_type} block); allowed for this block: ['mixer', {alias!r}]"
+            )
+        kind = SKIP
+    kinds = {"attention": NONE, "mlp": NONE, "mamba": NONE}
+    kinds["mlp" if mixer_type == "moe" else mixer_type] = kind
+    return kinds
+
+
+def _window(adapter: FamilyAdapter, config: PreTrainedConfig, i: int, lc: PreTrainedConfig, explicit: dict) -> tuple:
+    # Only windows the family supports per layer count (NemotronH has an unused `sliding_window` field).
+    supported = adapter.per_layer_attributes
+    sliding = getattr(lc, "sliding_window", None) if "sliding_window" in supported else None
+    chunk = getattr(lc, "attention_chunk_size", None) if "attention_chunk_size" in supported else None
+    if adapter.rope_layers is not None and not _global_list(config, adapter.rope_layers)[i]:
+        for attr in ("sliding_window", "attention_chunk_size"):
+            if explicit.get(attr) is not None:
+                raise HeteroConfigError(
+                    f"{_layer_where(i, attr, explicit[attr])}: layer {i} is a NoPE layer "
+                    f"({adapter.rope_layers}[{i}]=0), which attends globally in {adapter.name}; "
+                    "allowed: a window only on RoPE layers"
+                )
+        return None, None  # NoPE layers are full attention whatever the global chunk size
     if adapter.has_layer_types:
-        # Qwen keeps a global `sliding_window` that only the layers typed "sliding_attention" use.
+        # The stock layer and cache read a layer's window only where the global `layer_types` says so.
         layer_type = (getattr(config, "layer_types", None) or ["full_attention"] * len(config.per_layer_config))[i]
+        for attr, wanted in (("sliding_window", "sliding_attention"), ("attention_chunk_size", "chunked_attention")):
+            if explicit.get(attr) is not None and layer_type != wanted:
+                raise HeteroConfigError(
+                    f"{_layer_where(i, attr, explicit[attr])}, but layer_types[{i}]={layer_type!r}: the stock layer "
+                    f"and cache would ignore the window; allowed: layer_types[{i}]={wanted!r} (hetgraph sets it "
+                    "when it reads a config.json-style dict)"
+                )
         if layer_type != "sliding_attention":
             sliding = None
         if layer_type != "chunked_attention":
@@ -183,9 +278,49 @@ def _window(adapter: FamilyAdapter, config: PreTrainedConfig, i: int, lc: PreTra
     return sliding, chunk
 
 
-def _layer_spec(adapter: FamilyAdapter, config, i: int, lc: PreTrainedConfig, hidden: int) -> LayerSpec:
-    kinds = _block_kinds(adapter, i, lc)
-    fields: dict[str, Any] = {"index": i, "attention": kinds["attention"], "mlp": kinds["mlp"]}
+def _is_moe(adapter: FamilyAdapter, config: PreTrainedConfig, i: int, mixer) -> bool:
+    if mixer is not None:
+        return mixer[0] == "moe"
+    if adapter.moe_layers is None:
+        return False
+    return adapter.moe_layers == "*" or i in _global_list(config, adapter.moe_layers)
+
+
+def _experts(adapter: FamilyAdapter, i: int, lc: PreTrainedConfig) -> dict[str, int]:
+    sizes = {attr: _positive(i, attr, getattr(lc, attr, None)) for attr in adapter.moe_attributes}
+    experts, top_k = sizes[adapter.moe_attributes[0]], sizes["num_experts_per_tok"]
+    if top_k > experts:
+        raise HeteroConfigError(
+            f"layer {i}: num_experts_per_tok={top_k} exceeds {adapter.moe_attributes[0]}={experts}; "
+            f"allowed: 1 to {experts}"
+        )
+    groups = getattr(lc, "n_group", None)  # NemotronH's group-limited routing: top-2 within each group
+    if groups is not None and (experts % groups or experts // groups < 2):
+        raise HeteroConfigError(
+            f"layer {i}: {adapter.moe_attributes[0]}={experts} with n_group={groups}: the router needs "
+            "a multiple of n_group with at least 2 experts per group"
+        )
+    return sizes
+
+
+def _mamba(adapter: FamilyAdapter, i: int, lc: PreTrainedConfig) -> dict[str, int]:
+    sizes = {attr: _positive(i, attr, getattr(lc, attr, None)) for attr in adapter.mamba_attributes}
+    if sizes["mamba_num_heads"] % sizes["n_groups"]:
+        raise HeteroConfigError(
+            f"layer {i}: mamba_num_heads={sizes['mamba_num_heads']} is not divisible by n_groups={sizes['n_groups']}; "
+            "allowed: a multiple of n_groups"
+        )
+    return sizes
+
+
+def _layer_spec(adapter: FamilyAdapter, config, i: int, lc: PreTrainedConfig, hidden: int, explicit=None) -> LayerSpec:
+    explicit = explicit or {}
+    mixer = _mixer(adapter, config, i)
+    kinds = _block_kinds(adapter, i, lc, mixer)
+    fields: dict[str, Any] = {"index": i, "attention": kinds["attention"], "mlp": kinds["mlp"], "mamba": kinds["mamba"]}
+    if mixer is not None:
+        fields["mixer_type"] = mixer[0]
+    extra: dict[str, Any] = {}
     if kinds["attention"] == FULL:
         heads = _positive(i, "num_attention_heads", lc.num_attention_heads)
         kv = _positive(i, "num_key_value_heads", getattr(lc, "num_key_value_heads", None) or heads)
@@ -195,7 +330,7 @@ def _layer_spec(adapter: FamilyAdapter, config, i: int, lc: PreTrainedConfig, hi
                 "allowed: a divisor of num_attention_heads"
             )
         head_dim = _positive(i, "head_dim", getattr(lc, "head_dim", None) or hidden // heads)
-        sliding, chunk = _window(adapter, config, i, lc)
+        sliding, chunk = _window(adapter, config, i, lc, explicit)
         fields.update(
             num_attention_heads=heads,
             num_key_value_heads=kv,
@@ -203,8 +338,19 @@ def _layer_spec(adapter: FamilyAdapter, config, i: int, lc: PreTrainedConfig, hi
             sliding_window=sliding,
             attention_chunk_size=chunk,
         )
+        if adapter.rope_layers is not None and not _global_list(config, adapter.rope_layers)[i]:
+            extra["nope"] = True
     if kinds["mlp"] == FULL:
-        fields["intermediate_size"] = _positive(i, "intermediate_size", lc.intermediate_size)
+        if _is_moe(adapter, config, i, mixer):
+            extra.update(_experts(adapter, i, lc))
+            width = adapter.moe_width
+        else:
+            width = adapter.mlp_width
+        if width is not None:
+            fields["intermediate_size"] = _positive(i, width, getattr(lc, width, None))
+    if kinds["mamba"] == FULL:
+        extra.update(_mamba(adapter, i, lc))
+    fields["extra"] = tuple(sorted(extra.items()))
     return LayerSpec(**fields)
 
 
@@ -217,9 +363,9 @@ def _validate_overrides(adapter: FamilyAdapter, config_or_none, overrides: Mappi
         if isinstance(config_or_none, int)
         else config_or_none._getattr_without_heterogeneous_validation("num_hidden_layers")
     )
-    attribute_map = (
-        {} if isinstance(config_or_none, int) else config_or_none._getattr_without_heterogeneous_validation("attribute_map")
-    )
+    # Aliases (GptOss `num_experts`, NemotronH `num_local_experts`, `layer_types`) bypass transformers'
+    # ambiguity check: validate, and hand on, the real names.
+    attribute_map = dict(getattr(adapter.config_class, "attribute_map", None) or {})
     allowed = sorted(adapter.per_layer_attributes | set(BLOCK_LIST_KEYS))
     result: dict[int, dict] = {}
     for key, layer_overrides in overrides.items():
@@ -263,31 +409,40 @@ def _validate_overrides(adapter: FamilyAdapter, config_or_none, overrides: Mappi
 
 
 def _block_list(adapter: FamilyAdapter, i: int, key: str, value: Any) -> list[str]:
+    if key == "skip":
+        allowed = list(adapter.skip_names)
+    else:  # "linear": blocks that have a one-Linear form
+        allowed = [b.name for b in adapter.blocks if b.linear_weight is not None]
     if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
-        raise HeteroConfigError(
-            f"{_layer_where(i, key, value)} must be a list of block names; allowed: {list(adapter.block_names)}"
-        )
+        raise HeteroConfigError(f"{_layer_where(i, key, value)} must be a list of block names; allowed: {allowed}")
     for name in value:
-        if name not in adapter.block_names:
-            raise HeteroConfigError(
-                f"{_layer_where(i, key, value)}: unknown block {name!r}; allowed: {list(adapter.block_names)}"
-            )
+        if name not in allowed:
+            raise HeteroConfigError(f"{_layer_where(i, key, value)}: unknown block {name!r}; allowed: {allowed}")
     return sorted(set(value))
 
 
 def config_from_dict(config_dict: Mapping[str, Any]) -> PreTrainedConfig:
     """A transformers config object from a config.json-style dict with `per_layer_config`.
 
-    Fills the globals a layer may override but the family's config lacks (e.g. Llama's
-    `sliding_window`), and applies `per_layer_config` after construction, because some configs
-    (Llama) read per-layer attributes such as `num_attention_heads` globally while validating.
+    Other checkpoint layouts (Nemotron-NAS `block_configs`, LLM-Drop drop lists) are first turned
+    into that form by `hetgraph.formats.normalize`. Fills the globals a layer may override but the
+    family's config lacks (e.g. Llama's `sliding_window`), and applies `per_layer_config` after
+    construction, because some configs (Llama) read per-layer attributes such as
+    `num_attention_heads` globally while validating.
     """
-    d = copy.deepcopy(dict(config_dict))
+    from hetgraph.formats import normalize  # formats builds on this module
+
+    # transformers writes inf / nan as {"__float__": "Infinity"} (NemotronH's `time_step_limit`).
+    d = PreTrainedConfig._decode_special_floats(copy.deepcopy(dict(normalize(config_dict))))
     model_type = d.get("model_type")
     if model_type is None:
         raise HeteroConfigError("config has no 'model_type'; hetgraph needs it to pick the model family")
     adapter = adapter_for(model_type)
     num_layers = d.get("num_hidden_layers")
+    if num_layers is None and adapter.mixer_list is not None:
+        # NemotronH: the layer count is the length of the block-type list (`num_hidden_layers` is derived).
+        stock = _stock_config(adapter, {k: v for k, v in d.items() if k != "per_layer_config"})
+        num_layers = len(_global_list(stock, adapter.mixer_list))
     if not isinstance(num_layers, int) or num_layers <= 0:
         raise HeteroConfigError(f"global config: num_hidden_layers={num_layers!r} must be a positive integer")
     raw = d.pop("per_layer_config", None) or {}
@@ -300,7 +455,7 @@ def config_from_dict(config_dict: Mapping[str, Any]) -> PreTrainedConfig:
     if "linear" in overridden:
         d.setdefault("linear", [])
     if adapter.has_layer_types:
-        _set_layer_types(d, num_layers, overrides)
+        _set_layer_types(adapter, d, num_layers, overrides)
     d.pop("transformers_version", None)
     d.pop("allow_global_per_layer_attribute_access", None)  # see build._allow_global_reads
     try:
@@ -322,22 +477,39 @@ def _default_head_dim(d: dict) -> int:
         ) from None
 
 
-def _set_layer_types(d: dict, num_layers: int, overrides: dict[int, dict]) -> None:
-    """Qwen: a layer with its own window is typed accordingly in the global `layer_types`."""
-    if not any("sliding_window" in o or "attention_chunk_size" in o for o in overrides.values()):
-        return
+def _stock_config(adapter: FamilyAdapter, d: dict) -> PreTrainedConfig:
+    try:
+        return adapter.config_class(**d)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise HeteroConfigError(f"{adapter.model_types[0]} config rejected by transformers: {e}") from e
+
+
+_WINDOW_TYPES = (("sliding_window", "sliding_attention"), ("attention_chunk_size", "chunked_attention"))
+
+
+def _set_layer_types(adapter: FamilyAdapter, d: dict, num_layers: int, overrides: dict[int, dict]) -> None:
+    """Type each layer in the global `layer_types` by its own window, which the stock layers and caches read.
+
+    A layer with its own window is typed "sliding_attention" / "chunked_attention", one whose window is
+    None "full_attention" (GptOss and Qwen read a layer's window only on sliding-typed layers; Llama4
+    derives the types once from the *global* chunk size). NoPE layers stay full (spec checks them).
+    """
     layer_types = list(d.get("layer_types") or [])
     if not layer_types:
-        sliding = d.get("sliding_window") if d.get("use_sliding_window") else None
-        start = d.get("max_window_layers", num_layers)
-        layer_types = [
-            "sliding_attention" if sliding is not None and i >= start else "full_attention" for i in range(num_layers)
-        ]
-    for i, o in overrides.items():
-        if o.get("sliding_window") is not None:
-            layer_types[i] = "sliding_attention"
-        elif o.get("attention_chunk_size") is not None:
-            layer_types[i] = "chunked_attention"
-        elif "sliding_window" in o or "attention_chunk_size" in o:
-            layer_types[i] = "full_attention"
-    d["layer_types"] = layer_types
+        layer_types = list(_stock_config(adapter, {k: v for k, v in d.items() if k != "layer_types"}).layer_types)
+    before = list(layer_types)
+    nope = d.get(adapter.rope_layers) if adapter.rope_layers else None
+    for i in range(num_layers):
+        o = overrides.get(i, {})
+        if nope and i < len(nope) and not nope[i]:
+            continue
+        for attr, layer_type in _WINDOW_TYPES:
+            if attr in o:
+                if o[attr] is not None:
+                    layer_types[i] = layer_type
+                elif layer_types[i] == layer_type:
+                    layer_types[i] = "full_attention"
+            elif layer_types[i] == layer_type and d.get(attr) is None and attr in adapter.per_layer_attributes:
+                layer_types[i] = "full_attention"  # typed windowed, but there is no window to use
+    if layer_types != before or "layer_types" in d:
+        d["layer_types"] = layer_types

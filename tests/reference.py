@@ -15,7 +15,9 @@ Public API:
 Everything is a full, cache-free forward pass.  Supported: model_type llama,
 mistral, qwen2, qwen3; per-layer overrides via ``per_layer_config`` (sizes,
 head counts, head_dim, sliding_window, attention_chunk_size, ``skip`` and
-``linear`` blocks); RoPE types "default" and "llama3".
+``linear`` blocks); RoPE types "default" and "llama3".  Two other layouts are
+read straight from their own fields: Nemotron-NAS (model_type "nemotron-nas",
+``block_configs``) and LLM-Drop (``drop_attn_list`` / ``drop_mlp_list``).
 """
 
 import json
@@ -125,7 +127,8 @@ def allowed_keys(positions, attention_mask, window=None, chunk=None):
 class RefModel:
     def __init__(self, config, tensors, dtype=torch.float32, strict=True):
         self.config = cfg = config
-        self.model_type = cfg["model_type"]
+        # A Nemotron-NAS (DeciLM) decoder is a Llama decoder whose blocks vary.
+        self.model_type = "llama" if cfg["model_type"] == "nemotron-nas" else cfg["model_type"]
         if self.model_type not in FAMILIES:
             raise NotImplementedError(f"model_type {self.model_type!r}")
         if cfg.get("hidden_act", "silu") != "silu":
@@ -137,7 +140,7 @@ class RefModel:
         self._tensors = {k: v.to(dtype) for k, v in tensors.items()}
         self._used = set()
 
-        per_layer = {int(k): v for k, v in (cfg.get("per_layer_config") or {}).items()}
+        per_layer = _per_layer(cfg)
         heads = cfg["num_attention_heads"]
         glob = {
             "intermediate_size": cfg["intermediate_size"],
@@ -287,6 +290,32 @@ class RefModel:
             if mask is not None:
                 mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
         return ids
+
+
+def _per_layer(cfg):
+    """Layer index -> overrides, from ``per_layer_config``, ``block_configs`` or LLM-Drop's lists."""
+    per_layer = {int(k): dict(v) for k, v in (cfg.get("per_layer_config") or {}).items()}
+    for i, block in enumerate(cfg.get("block_configs") or []):
+        # DeciLM: KV heads = heads / n_heads_in_group; MLP width = 2/3 * ffn_mult * hidden, to a multiple of 256.
+        over = per_layer.setdefault(i, {})
+        attn, ffn = block["attention"], block["ffn"]
+        for name, sub in (("attention", attn), ("mlp", ffn)):
+            if sub.get("no_op"):
+                over.setdefault("skip", []).append(name)
+            elif sub.get("replace_with_linear"):
+                over.setdefault("linear", []).append(name)
+        if not attn.get("no_op") and not attn.get("replace_with_linear"):
+            over["num_key_value_heads"] = cfg["num_attention_heads"] // attn["n_heads_in_group"]
+        if not ffn.get("no_op") and not ffn.get("replace_with_linear"):
+            mult = round(ffn["ffn_mult"], 6)  # DeciLM's FFNConfig keeps 6 decimals
+            over["intermediate_size"] = math.ceil(int(2 * mult * cfg["hidden_size"] / 3) / 256) * 256
+    for key, name in (("drop_attn_list", "attention"), ("drop_mlp_list", "mlp")):
+        dropped = cfg.get(key) or []
+        if dropped and all(isinstance(v, bool) for v in dropped):  # one bool per layer
+            dropped = [i for i, v in enumerate(dropped) if v]
+        for i in dropped:
+            per_layer.setdefault(i, {}).setdefault("skip", []).append(name)
+    return per_layer
 
 
 def load_reference(path, dtype=torch.float32, strict=True):

@@ -25,6 +25,7 @@ SDPA = {
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_cudnn_attention.default,
 }
+LINEAR = {torch._C._nn.linear, aten.linear.default}
 VIEW_METHODS = {"view", "reshape"}
 VIEW_FUNCTIONS = {torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 

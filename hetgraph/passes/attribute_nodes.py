@@ -1,4 +1,4 @@
-"""Attribute every node to (layer, block) from dynamo's `nn_module_stack`.
+"""Attribute every node to (layer, block) from the `nn_module_stack` dynamo or torch.export records.
 
 A node inside `model.layers[i].self_attn` belongs to layer i, block "attention"; a node in the
 layer's own frame (the residual adds) belongs to layer i, block None. The layer index comes from
@@ -43,7 +43,10 @@ def _tag_for(node: fx.Node, block_attrs: dict[str, str], default_layer: int | No
             block = block_attrs[attr]
             break
     module_type = entries[-1][1] if entries else None
+    # dynamo records the class, torch.export its qualified name as a string.
     module_type = getattr(module_type, "__name__", module_type)
+    if isinstance(module_type, str):
+        module_type = module_type.rsplit(".", 1)[-1]
     module_name = _attr_name(entries[-1][0]) if entries else None
     return NodeTag(layer=layer, block=block, module_type=module_type, module_name=module_name)
 

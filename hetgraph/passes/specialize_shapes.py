@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from hetgraph.passes._graph import SDPA, is_op, is_view, tag, value
+from hetgraph.passes._graph import LINEAR, SDPA, is_op, is_view, tag, value
 from hetgraph.passes._types import PassContext, PassResult
 from hetgraph.spec import FULL
 
@@ -37,6 +37,11 @@ def _view_shape(node: fx.Node) -> tuple | None:
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
     return tuple(shape) if shape else None
+
+
+def _is_head_split(node: fx.Node) -> bool:
+    """`proj(x).view(B, T, -1, head_dim)`: a view of a projection's output (not e.g. GptOss's sinks reshape)."""
+    return is_view(node) and isinstance(node.args[0], fx.Node) and is_op(node.args[0], LINEAR)
 
 
 def _set_view_shape(node: fx.Node, shape: tuple) -> None:
@@ -86,7 +91,7 @@ def specialize_shapes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         s = ctx.spec[t.layer]
         if t.block == "attention" and s.attention == FULL:
-            if is_view(node) and (shape := _view_shape(node)) and len(shape) == 4 and isinstance(shape[-1], int):
+            if _is_head_split(node) and (shape := _view_shape(node)) and len(shape) == 4 and isinstance(shape[-1], int):
                 checked[t.layer] = checked.get(t.layer, 0) + 1
                 if shape[-1] != s.head_dim:
                     rewrites.append((node, "head_dim", shape, (*shape[:-1], s.head_dim)))
@@ -95,11 +100,11 @@ def specialize_shapes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 want = s.head_dim**-0.5
                 if not math.isclose(node.kwargs["scale"], want, rel_tol=1e-6):
                     rewrites.append((node, "scale", node.kwargs["scale"], want))
-        if node.op == "call_function" and node.target is torch._C._nn.linear and t.module_name in _WEIGHT_RULES:
+        if is_op(node, LINEAR) and t.module_name in _WEIGHT_RULES:
             dim, size = _WEIGHT_RULES[t.module_name]
             weight = value(node.args[1])
             block_kind = getattr(s, t.block) if t.block else None
-            if weight is not None and block_kind == FULL:
+            if weight is not None and block_kind == FULL and size(s) is not None:
                 checked[t.layer] = checked.get(t.layer, 0) + 1
                 if weight.shape[dim] != size(s):
                     problem = f"{t.module_name} weight has {weight.shape[dim]} on dim {dim}, spec says {size(s)}"

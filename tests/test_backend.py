@@ -222,3 +222,18 @@ def test_explain_reports_per_layer(checkpoint):
     for layer in range(6):
         assert f"\n  {layer} " in text
     assert "removed" in text and "mask computation" in text
+
+
+def test_dynamic_shapes_go_through_every_pass(checkpoint):
+    # A second prompt length makes dynamo recompile with symbolic sizes; no pass may fail on them.
+    model = hetgraph.from_pretrained(checkpoint(hetero_config("llama")))
+    backend = HetgraphBackend(options={"strict": True})
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for length in (8, 11, 13):
+            ids, mask = _ids(length=length)
+            torch.testing.assert_close(compiled(ids, attention_mask=mask).logits,
+                                       model(ids, attention_mask=mask).logits, atol=1e-4, rtol=0)
+    assert len(backend.reports) == 2 and all(r.fallback is None for r in backend.reports)
+    assert any(isinstance(v, torch.SymInt) for n in backend.reports[1].gm.graph.nodes
+               for v in [n.meta.get("example_value")])

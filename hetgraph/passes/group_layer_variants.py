@@ -67,8 +67,13 @@ def _signature(sub: fx.GraphModule, inputs) -> tuple:
     metas = []
     for a in inputs:
         v = value(a)
-        metas.append(None if v is None else (tuple(v.shape), tuple(v.stride()), v.dtype, str(v.device)))
+        # Sizes may be symbolic (dynamic shapes): the same symbol means the same size.
+        metas.append(None if v is None else (_dims(v.shape), _dims(v.stride()), v.dtype, str(v.device)))
     return (sub.code, tuple(metas))
+
+
+def _dims(sizes) -> tuple[str, ...]:
+    return tuple(str(d) for d in sizes)
 
 
 def group_layer_variants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -124,7 +124,29 @@ def allowed_keys(positions, attention_mask, window=None, chunk=None):
     return allowed
 
 
-class RefModel:
+class ReferenceModel:
+    """What every family's reference shares: greedy decoding by recomputing the whole forward, and
+    taking a checkpoint tensor after checking its shape (families keep their tensors in `self._t`)."""
+
+    @torch.no_grad()
+    def greedy(self, input_ids, max_new_tokens, attention_mask=None):
+        ids, mask = input_ids, attention_mask
+        for _ in range(max_new_tokens):
+            nxt = self.logits(ids, mask)[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat((ids, nxt), dim=1)
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        return ids
+
+    def _take(self, name, shape):
+        t = self._t[name]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
+        self._used.add(name)
+        return t.float()
+
+
+class RefModel(ReferenceModel):
     def __init__(self, config, tensors, dtype=torch.float32, strict=True):
         self.config = cfg = config
         # A Nemotron-NAS (DeciLM) decoder is a Llama decoder whose blocks vary.
@@ -279,17 +301,6 @@ class RefModel:
                     h = h + self._mlp(x, w)
         h = rms_norm(h, self.norm, self.eps)
         return torch.nn.functional.linear(h, self.lm_head).float()
-
-    @torch.no_grad()
-    def greedy(self, input_ids, max_new_tokens, attention_mask=None):
-        ids = input_ids
-        mask = attention_mask
-        for _ in range(max_new_tokens):
-            nxt = self.logits(ids, mask)[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat((ids, nxt), dim=1)
-            if mask is not None:
-                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-        return ids
 
 
 def _per_layer(cfg):

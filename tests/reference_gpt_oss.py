@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from reference import _load_tensors, allowed_keys, positions_from_mask
+from reference import allowed_keys, _load_tensors, positions_from_mask, ReferenceModel
 
 ALIASES = {"num_experts": "num_local_experts"}
 LAYER_ATTRS = (
@@ -67,7 +67,7 @@ def rms_norm(x, weight, eps):
     return (weight.float() * (x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
 
 
-class GptOssRef:
+class GptOssRef(ReferenceModel):
     def __init__(self, cfg, tensors, strict=True):
         self.cfg = cfg
         self.eps = cfg["rms_norm_eps"]
@@ -136,13 +136,6 @@ class GptOssRef:
         if strict and unused:
             raise ValueError(f"checkpoint has tensors the config does not explain: {unused}")
 
-    def _take(self, name, shape):
-        t = self._t[name]
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
-        self._used.add(name)
-        return t.float()
-
     def _attention(self, x, a, L, positions, mask):
         B, T, _ = x.shape
         nq, nkv, d = L["num_attention_heads"], L["num_key_value_heads"], L["head_dim"]
@@ -196,16 +189,6 @@ class GptOssRef:
             if L["mlp"] is not None:
                 h = h + self._moe(rms_norm(h, L["mlp"]["norm"], self.eps), L["mlp"], L)
         return torch.nn.functional.linear(rms_norm(h, self.norm, self.eps), self.lm_head)
-
-    @torch.no_grad()
-    def greedy(self, input_ids, max_new_tokens, attention_mask=None):
-        ids, mask = input_ids, attention_mask
-        for _ in range(max_new_tokens):
-            nxt = self.logits(ids, mask)[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat((ids, nxt), dim=1)
-            if mask is not None:
-                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-        return ids
 
 
 def load_reference(path, strict=True):

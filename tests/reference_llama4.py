@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from reference import _load_tensors, _rope_parameters, allowed_keys, inv_freq, positions_from_mask
+from reference import allowed_keys, inv_freq, _load_tensors, positions_from_mask, ReferenceModel, _rope_parameters
 
 LAYER_ATTRS = (
     "intermediate_size",
@@ -44,7 +44,7 @@ def silu_glu(x, gate, up, down):
     return lin(torch.nn.functional.silu(lin(x, gate)) * lin(x, up), down)
 
 
-class Llama4Ref:
+class Llama4Ref(ReferenceModel):
     def __init__(self, cfg, tensors, strict=True):
         self.cfg = cfg
         self.eps = cfg["rms_norm_eps"]
@@ -109,13 +109,6 @@ class Llama4Ref:
         if strict and unused:
             raise ValueError(f"checkpoint has tensors the config does not explain: {unused}")
 
-    def _take(self, name, shape):
-        t = self._t[name]
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
-        self._used.add(name)
-        return t.float()
-
     def _attention(self, x, a, L, positions, mask):
         B, T, _ = x.shape
         nq, nkv, d = L["num_attention_heads"], L["num_key_value_heads"], L["head_dim"]
@@ -172,16 +165,6 @@ class Llama4Ref:
             if L["mlp"] is not None:
                 h = h + self._mlp(rms(h, self.eps) * L["mlp"]["norm"], L["mlp"], L)
         return torch.nn.functional.linear(rms(h, self.eps) * self.norm, self.lm_head)
-
-    @torch.no_grad()
-    def greedy(self, input_ids, max_new_tokens, attention_mask=None):
-        ids, mask = input_ids, attention_mask
-        for _ in range(max_new_tokens):
-            nxt = self.logits(ids, mask)[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat((ids, nxt), dim=1)
-            if mask is not None:
-                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-        return ids
 
 
 def load_reference(path, strict=True):

@@ -30,7 +30,7 @@ import os
 import torch
 from torch.nn import functional as F
 
-from reference import _load_tensors
+from reference import _load_tensors, ReferenceModel
 
 ALIASES = {"num_local_experts": "n_routed_experts", "layer_types": "layers_block_type"}
 LAYER_ATTRS = (
@@ -60,7 +60,7 @@ def relu2(x):
     return F.relu(x).pow(2)
 
 
-class NemotronHRef:
+class NemotronHRef(ReferenceModel):
     def __init__(self, cfg, tensors, strict=True):
         cfg = {ALIASES.get(k, k): v for k, v in cfg.items()}
         self.cfg = cfg
@@ -101,13 +101,6 @@ class NemotronHRef:
         unused = sorted(set(self._t) - self._used)
         if strict and unused:
             raise ValueError(f"checkpoint has tensors the config does not explain: {unused}")
-
-    def _take(self, name, shape):
-        t = self._t[name]
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
-        self._used.add(name)
-        return t.float()
 
     # ---- weights --------------------------------------------------------------------------------
 
@@ -228,16 +221,6 @@ class NemotronHRef:
             if L["type"] is not None:
                 h = h + getattr(self, "_" + L["type"])(rms_norm(h, L["norm"], self.eps), L, attention_mask)
         return F.linear(rms_norm(h, self.norm, self.eps), self.lm_head)
-
-    @torch.no_grad()
-    def greedy(self, input_ids, max_new_tokens, attention_mask=None):
-        ids, mask = input_ids, attention_mask
-        for _ in range(max_new_tokens):
-            nxt = self.logits(ids, mask)[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat((ids, nxt), dim=1)
-            if mask is not None:
-                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-        return ids
 
 
 def load_reference(path, strict=True):

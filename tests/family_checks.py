@@ -6,9 +6,11 @@ the assertions are the same for every family, so they live here once.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
+import pytest
 import torch
 from transformers.cache_utils import DummyLayer
 
@@ -16,6 +18,29 @@ import hetgraph
 from hetgraph.backend import HetgraphBackend
 
 ATOL = 1e-4
+
+
+def family_fixtures(config: dict, load_reference):
+    """`hetero_config(**overrides)` and the module-scoped `ckpt` / `model` / `ref` fixtures of a family's tests."""
+
+    def hetero_config(**overrides) -> dict:
+        d = copy.deepcopy(config)
+        d.update(overrides)
+        return d
+
+    @pytest.fixture(scope="module")
+    def ckpt(checkpoint):
+        return checkpoint(hetero_config())
+
+    @pytest.fixture(scope="module")
+    def model(ckpt):
+        return hetgraph.from_pretrained(ckpt)
+
+    @pytest.fixture(scope="module")
+    def ref(ckpt):
+        return load_reference(ckpt)
+
+    return hetero_config, ckpt, model, ref
 # The references never stop at EOS; neither may generate.
 GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 

@@ -3,7 +3,6 @@ the plain-PyTorch reference in `reference_gpt_oss.py`; eager, cached and compile
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import transformers
 
 import hetgraph
 from family_checks import (
+    family_fixtures,
     assert_compiled_decode,
     assert_compiled_logits,
     assert_greedy_matches,
@@ -56,25 +56,7 @@ CONFIG = dict(
 )
 
 
-def hetero_config(**overrides) -> dict:
-    d = copy.deepcopy(CONFIG)
-    d.update(overrides)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ckpt(checkpoint):
-    return checkpoint(hetero_config())
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return hetgraph.from_pretrained(ckpt)
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return load_reference(ckpt)
+hetero_config, ckpt, model, ref = family_fixtures(CONFIG, load_reference)
 
 
 # ---- spec and structure -------------------------------------------------------------------------

@@ -4,7 +4,6 @@ eager, cached and compiled."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import transformers
 
 import hetgraph
 from family_checks import (
+    family_fixtures,
     assert_compiled_decode,
     assert_compiled_logits,
     assert_greedy_matches,
@@ -58,25 +58,7 @@ CONFIG = dict(
 )
 
 
-def hetero_config(**overrides) -> dict:
-    d = copy.deepcopy(CONFIG)
-    d.update(overrides)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ckpt(checkpoint):
-    return checkpoint(hetero_config())
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return hetgraph.from_pretrained(ckpt)
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return load_reference(ckpt)
+hetero_config, ckpt, model, ref = family_fixtures(CONFIG, load_reference)
 
 
 # ---- spec and structure -------------------------------------------------------------------------

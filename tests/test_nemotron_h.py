@@ -4,7 +4,6 @@ mixers (the block becomes the identity), against the plain-PyTorch reference in
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from transformers.cache_utils import DummyLayer, LinearAttentionLayer, StaticLay
 
 import hetgraph
 from family_checks import (
+    family_fixtures,
     assert_compiled_decode,
     assert_compiled_logits,
     assert_greedy_matches,
@@ -67,25 +67,7 @@ CONFIG = dict(
 )
 
 
-def hetero_config(**overrides) -> dict:
-    d = copy.deepcopy(CONFIG)
-    d.update(overrides)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ckpt(checkpoint):
-    return checkpoint(hetero_config())
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return hetgraph.from_pretrained(ckpt)
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return load_reference(ckpt)
+hetero_config, ckpt, model, ref = family_fixtures(CONFIG, load_reference)
 
 
 # ---- spec and structure -------------------------------------------------------------------------

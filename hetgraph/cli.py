@@ -76,6 +76,7 @@ def export(args: argparse.Namespace) -> int:
 
     from hetgraph.build import from_pretrained
     from hetgraph.export import export as export_model
+    from hetgraph.export import read_metadata
 
     model = from_pretrained(args.src)
     input_ids = torch.zeros((args.batch_size, args.prompt_len), dtype=torch.long)
@@ -96,6 +97,8 @@ def export(args: argparse.Namespace) -> int:
     for name in ("prefill", "decode", "prefill_package", "decode_package"):
         if getattr(result, name):
             print(f"{name}: {getattr(result, name)}")
+    meta = read_metadata(result.prefill)
+    print(f"serves batch {meta['batch_size']}, prompts of {meta['min_prompt_len']}..{meta['max_prompt_len']} tokens")
     return 0
 
 
@@ -158,7 +161,7 @@ COMMANDS: tuple[Command, ...] = (
             _arg("--package", action="store_true", help="also compile each program into an AOTInductor package"),
             _arg("--batch-size", type=int, default=1, help="batch the programs serve (default 1)"),
             _arg("--max-cache-len", type=int, help="positions a full-attention layer holds (needed with --decode)"),
-            _arg("--prompt-len", type=int, default=8, help="traced prompt length (default 8; any is served)"),
+            _arg("--prompt-len", type=int, default=8, help="traced prompt length (default 8; any up to the maximum is served, exactly this one with mamba layers)"),
         ),
     ),
     Command("bench", bench, (_arg("bench_args", nargs=argparse.REMAINDER, help="options of benchmarks/run.py"),)),

@@ -10,14 +10,18 @@ aten graph: removed blocks leave no op, one mask per distinct window. The progra
 torch: `torch.export.load(path).module()` runs them in a process that never imports hetgraph, and
 refuses inputs of other shapes with torch's message naming the expected and the given size.
 
-Programs (B is fixed at export; T may be 1 .. the export's maximum prompt length):
+Programs (B is fixed at export; T may be 1 .. the export's maximum prompt length; with mamba
+layers (NemotronH) the prefill serves exactly the example prompt's length, which the metadata's
+`min_prompt_len` / `max_prompt_len` say):
 
 * `prefill.pt2` without `decode`: `(input_ids[B, T]) -> logits[B, T, V]`.
 * with `decode=True`, the cache is explicit state, a dict of tensors the caller holds:
   `prefill.pt2`: `(input_ids[B, T]) -> (logits[B, T, V], state)`, where `state` is a fresh cache
   filled with the prompt: per attention layer i, `layers.{i}.keys` / `layers.{i}.values`
   `[B, kv_heads_i, min(window_i, max_cache_len), head_dim_i]` and `layers.{i}.length` (an int64
-  scalar, the tokens seen); the same layout as `hetgraph.make_cache`.
+  scalar, the tokens seen); per mamba layer i (NemotronH), `layers.{i}.conv_states`
+  `[B, conv_dim_i, conv_kernel]` and `layers.{i}.recurrent_states` `[B, heads_i, head_dim_i, state]`
+  (fp32); the same layout as `hetgraph.make_cache`.
   `decode.pt2`: `(input_ids[B, 1], state) -> logits[B, 1, V]`; it updates `state` in place.
   `generate_with_exported` is the greedy loop over the two. Prompts in a batch share one length
   (no padding mask).
@@ -37,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.cache_utils import DummyLayer, StaticLayer
+from transformers.cache_utils import DummyLayer, LinearAttentionLayer, StaticLayer
 
 from hetgraph.build import model_spec
 from hetgraph.passes import PASSES, PassContext, PassRecord, run_passes
@@ -78,6 +82,8 @@ class _Logits(nn.Module):
 class _CachedLM(nn.Module):
     """A forward over a `make_cache` cache whose tensors are the caller's `state` dict."""
 
+    continues = False  # True for decode: the state holds a prompt already (mamba layers then take their step path)
+
     def __init__(self, model: nn.Module, batch_size: int, max_cache_len: int):
         from hetgraph.cache import make_cache
 
@@ -85,23 +91,29 @@ class _CachedLM(nn.Module):
         self.model = model
         # The layout (which layers hold which shapes) is make_cache's; its tensors are swapped per call.
         self.cache = make_cache(model, batch_size=batch_size, max_cache_len=max_cache_len)
-        carried = (StaticLayer, DummyLayer)
+        carried = (StaticLayer, LinearAttentionLayer, DummyLayer)
         layers = self.cache.layers
         other = [f"layer {i}: {type(x).__name__}" for i, x in enumerate(layers) if not isinstance(x, carried)]
         if other:
             raise NotImplementedError(
-                f"export(decode=True) carries attention caches (StaticLayer, StaticWindowLayer) as state; "
-                f"not yet {other}"
+                f"export(decode=True) carries attention caches (StaticLayer, StaticWindowLayer) and mamba "
+                f"states (LinearAttentionLayer) as state; not yet {other}"
             )
-        self.held = {i: lay for i, lay in enumerate(self.cache.layers) if isinstance(lay, StaticLayer)}
+        self.held = {i: lay for i, lay in enumerate(layers) if not isinstance(lay, DummyLayer)}
+
+    @staticmethod
+    def _tensors(layer) -> dict[str, torch.Tensor]:
+        """The tensors a cache layer carries between calls, by state name."""
+        if isinstance(layer, LinearAttentionLayer):
+            return {"conv_states": layer.conv_states[0], "recurrent_states": layer.recurrent_states[0]}
+        return {"keys": layer.keys, "values": layer.values, "length": layer.cumulative_length}
 
     def state_layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        layout = {}
-        for i, layer in self.held.items():
-            layout[f"layers.{i}.keys"] = (tuple(layer.keys.shape), layer.keys.dtype)
-            layout[f"layers.{i}.values"] = (tuple(layer.values.shape), layer.values.dtype)
-            layout[f"layers.{i}.length"] = ((), torch.int64)
-        return layout
+        return {
+            f"layers.{i}.{name}": (tuple(t.shape), t.dtype)
+            for i, layer in self.held.items()
+            for name, t in self._tensors(layer).items()
+        }
 
     def new_state(self) -> dict[str, torch.Tensor]:
         device = self.model.device
@@ -109,8 +121,13 @@ class _CachedLM(nn.Module):
 
     def step(self, input_ids: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         for i, layer in self.held.items():
-            layer.keys, layer.values = state[f"layers.{i}.keys"], state[f"layers.{i}.values"]
-            layer.cumulative_length = state[f"layers.{i}.length"]
+            if isinstance(layer, LinearAttentionLayer):
+                layer.conv_states[0] = state[f"layers.{i}.conv_states"]
+                layer.recurrent_states[0] = state[f"layers.{i}.recurrent_states"]
+                layer.has_previous_state[0] = self.continues
+            else:
+                layer.keys, layer.values = state[f"layers.{i}.keys"], state[f"layers.{i}.values"]
+                layer.cumulative_length = state[f"layers.{i}.length"]
         return self.model(input_ids=input_ids, cache=self.cache, use_cache=True).logits
 
 
@@ -121,6 +138,8 @@ class _Prefill(_CachedLM):
 
 
 class _Decode(_CachedLM):
+    continues = True
+
     def forward(self, input_ids: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.step(input_ids, state)
 
@@ -174,6 +193,17 @@ def _plan(model, input_ids, decode, batch_size, max_cache_len) -> tuple[list, di
     batch, max_len = _check_request(input_ids, decode, batch_size, max_cache_len, max_positions)
     example = _example_ids(input_ids, batch, max_len, model.device)
     prompt_dims = ({1: torch.export.Dim.AUTO(min=1, max=max_len)},)
+    mamba = [s.index for s in spec if s.has_mamba]
+    if mamba:
+        # The stock chunked scan guards on the number of chunks, which export's range constraints
+        # do not record (a program traced at one chunk claims longer prompts, then fails on them):
+        # the prefill serves exactly the example's prompt length.
+        if input_ids is None:
+            raise ValueError(
+                f"export: layers {mamba} are mamba mixers, whose prefill serves one prompt length: "
+                f"pass input_ids of that length"
+            )
+        prompt_dims = None
     meta = {"batch_size": batch, "max_prompt_len": max_len, "max_cache_len": max_cache_len}
     meta["vocab_size"] = spec.vocab_size
     if not decode:
@@ -226,6 +256,8 @@ def export(
             bar.set_postfix_str(f"{name}: torch.export + passes")
             ep, result.records[name] = _trace(model, wrapper, args, dims)
             result.programs[name] = ep
+            if name == "prefill":  # what the traced program accepts, which the model's code may narrow
+                meta["min_prompt_len"], meta["max_prompt_len"] = _prompt_range(ep)
             file = os.path.join(path, f"{name}.pt2")
             program_meta = json.dumps({"program": name, **meta})
             _save(ep, file, program_meta)
@@ -237,6 +269,22 @@ def export(
                 setattr(result, f"{name}_package", package_file)
                 bar.update()
     return result
+
+
+def _prompt_range(ep: torch.export.ExportedProgram) -> tuple[int, int]:
+    """The prompt lengths a prefill program accepts: symbolic over the export range, or the
+    example's length where the program was traced static (mamba layers, see `_plan`)."""
+    ids = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name.endswith("input_ids"))
+    length = ids.meta["val"].shape[1]
+    if isinstance(length, torch.SymInt) and length.node.expr.is_number:
+        length = int(length.node.expr)
+    if isinstance(length, int):
+        return length, length
+    bounds = ep.range_constraints[length.node.expr]
+    # A symbolic size's range starts at 2 (export's 0/1 specialization); the program's own input
+    # check and graph accept 1 as well (tests/test_export.py decodes 1-token prompts).
+    lower = 1 if bounds.lower == 2 else int(bounds.lower)
+    return lower, int(bounds.upper)
 
 
 def _save(ep: torch.export.ExportedProgram, file: str, meta: str) -> None:
@@ -322,9 +370,14 @@ def _check_prompt(input_ids: torch.Tensor, max_new_tokens: int, meta: dict) -> N
     shape = tuple(input_ids.shape)
     if batch != meta["batch_size"]:
         raise ValueError(f"{where}: the programs serve batch {meta['batch_size']}, input_ids has shape {shape}")
-    if length > meta["max_prompt_len"]:
-        longest = meta["max_prompt_len"]
-        raise ValueError(f"{where}: the programs serve prompts of up to {longest} tokens, input_ids has shape {shape}")
+    shortest, longest = meta.get("min_prompt_len", 1), meta["max_prompt_len"]
+    if not shortest <= length <= longest:
+        served = (
+            f"of {longest} tokens" if shortest == longest
+            else f"of up to {longest} tokens" if shortest == 1
+            else f"of {shortest} to {longest} tokens"
+        )
+        raise ValueError(f"{where}: the programs serve prompts {served}, input_ids has shape {shape}")
     limit = meta.get("max_cache_len")
     if limit is not None and length + max_new_tokens - 1 > limit:
         raise ValueError(

@@ -158,3 +158,31 @@ def assert_compiled_logits(path: str, ref, vocab: int):
     (report,) = backend.reports
     assert report.fallback is None, report.fallback
     return report
+
+
+def assert_exported_decode(model, ref, vocab: int, path, new: int = 10):
+    """`export(decode=True)`: the programs' greedy loop equals the reference, and the state they carry
+    is exactly `make_cache`'s tensors (names per layer, shapes, dtypes)."""
+    from hetgraph.export import generate_with_exported
+
+    ids, _ = prompts(vocab, length=6, pad=(0, 0), seed=2)
+    max_cache_len = ids.shape[1] + new
+    exported = hetgraph.export(model, path, input_ids=ids, decode=True, max_cache_len=max_cache_len)
+    got = generate_with_exported(exported.prefill, exported.decode, ids, new)
+    want = ref.greedy(ids, new, None)
+    assert torch.equal(got, want), f"\nexported  {got.tolist()}\nreference {want.tolist()}"
+    cache = hetgraph.make_cache(model, batch_size=2, max_cache_len=max_cache_len)
+    _, state = torch.export.load(exported.prefill).module()(ids)
+    expected = {}
+    for i, layer in enumerate(cache.layers):
+        if getattr(layer, "keys", None) is not None:
+            expected[f"layers.{i}.keys"] = layer.keys
+            expected[f"layers.{i}.values"] = layer.values
+            expected[f"layers.{i}.length"] = layer.cumulative_length
+        if getattr(layer, "conv_states", None):
+            expected[f"layers.{i}.conv_states"] = layer.conv_states[0]
+            expected[f"layers.{i}.recurrent_states"] = layer.recurrent_states[0]
+    assert {k: (tuple(v.shape), v.dtype) for k, v in state.items()} == {
+        k: (tuple(v.shape), v.dtype) for k, v in expected.items()
+    }
+    return exported

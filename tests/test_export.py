@@ -20,7 +20,7 @@ import torch
 import hetgraph
 from cases import FAMILIES, VOCAB, hetero_config
 from hetgraph.cli import main
-from hetgraph.export import EXPORT_PASSES, _Logits, _trace, generate_with_exported, specialize
+from hetgraph.export import EXPORT_PASSES, _Logits, _trace, generate_with_exported, read_metadata, specialize
 from reference import load_reference
 
 GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -154,6 +154,9 @@ def test_decode_state_holds_each_layers_kv(decode, config):
             expected.update({f"layers.{i}.keys": shape, f"layers.{i}.values": shape, f"layers.{i}.length": ()})
     assert {name: tuple(t.shape) for name, t in state.items()} == expected
     assert all(int(state[name]) == PROMPT for name in state if name.endswith("length"))
+    # The prompt length stays symbolic over the export range (1 .. max_cache_len) in the Llama families.
+    meta = read_metadata(decode.prefill)
+    assert (meta["min_prompt_len"], meta["max_prompt_len"]) == (1, CACHE)
 
 
 def test_decode_generates_like_generate(decode, model, ref):

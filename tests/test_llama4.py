@@ -11,6 +11,7 @@ import transformers
 
 import hetgraph
 from family_checks import (
+    assert_exported_decode,
     family_fixtures,
     assert_compiled_decode,
     assert_compiled_logits,
@@ -175,3 +176,10 @@ def test_compiled_greedy_decode_two_graphs_no_recompile(ckpt, ref):
 def test_compiled_logits_equal_reference(ckpt, ref):
     report = assert_compiled_logits(ckpt, ref, VOCAB)
     assert not [n for n in report.gm.graph.nodes if n.target is torch.zeros_like]
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+def test_exported_decode_matches_reference(model, ref, tmp_path):
+    assert_exported_decode(model, ref, VOCAB, tmp_path)

@@ -12,6 +12,7 @@ from transformers.cache_utils import DummyLayer, LinearAttentionLayer, StaticLay
 
 import hetgraph
 from family_checks import (
+    assert_exported_decode,
     family_fixtures,
     assert_compiled_decode,
     assert_compiled_logits,
@@ -24,6 +25,7 @@ from family_checks import (
 )
 from hetgraph import HeteroConfigError
 from hetgraph.build import SkippedLayer
+from hetgraph.export import generate_with_exported, read_metadata
 from reference_nemotron_h import load_reference
 
 VOCAB = 128
@@ -194,3 +196,16 @@ def test_compiled_greedy_decode_two_graphs_no_recompile(ckpt, ref):
 @pytest.mark.slow
 def test_compiled_logits_equal_reference(ckpt, ref):
     assert_compiled_logits(ckpt, ref, VOCAB)
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+def test_exported_decode_matches_reference(model, ref, tmp_path):
+    exported = assert_exported_decode(model, ref, VOCAB, tmp_path)
+    # The stock chunked scan makes export specialize the prompt length (6, one chunk): the metadata
+    # says so, and a prompt of another length is refused before it reaches the program.
+    meta = read_metadata(exported.prefill)
+    assert (meta["min_prompt_len"], meta["max_prompt_len"]) == (6, 6)
+    with pytest.raises(ValueError, match=r"serve prompts of 6 tokens, input_ids has shape \(2, 5\)"):
+        generate_with_exported(exported.prefill, exported.decode, torch.ones(2, 5, dtype=torch.long), 3)

@@ -63,11 +63,21 @@ class BackendOptions:
         return cls(**options)
 
 
+# Inductor's per-call size and alignment asserts re-check, on every call, what dynamo's guards
+# already checked (sizes and strides of every graph input, weights included: a restrided weight
+# recompiles, tests/test_backend.py); inside a shared layer variant they run again on each layer's
+# call. Off, decode of drop-attn went from 1.06x to 0.98x Inductor's (benchmarks/variant_sharing_cost.py).
+DEFAULT_INDUCTOR: dict[str, Any] = {"size_asserts": False, "alignment_asserts": False}
+
+
 def inductor_patches(mode: str | None, options: BackendOptions) -> dict[str, Any]:
+    """Inductor config for one compile: hetgraph's defaults, then the mode's options, then the user's."""
     mode = mode or "default"
     if mode not in MODES:
         raise ValueError(f"hetgraph backend: unknown mode {mode!r}; allowed: {list(MODES)}")
-    patches = dict(torch._inductor.list_mode_options(mode)) if mode != "default" else {}
+    patches = dict(DEFAULT_INDUCTOR)
+    if mode != "default":
+        patches.update(torch._inductor.list_mode_options(mode))
     patches.update(options.inductor)
     return patches
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hetgraph
-from cases import FAMILIES, hetero_config
+from cases import FAMILIES, VOCAB, hetero_config
 from helpers import assert_ops
 from hetgraph.backend import BackendOptions, HetgraphBackend, inductor_patches
 from reference import load_reference
@@ -72,7 +72,23 @@ def test_options_are_validated():
         HetgraphBackend(mode="fastest")
     assert inductor_patches("max-autotune", BackendOptions())["max_autotune"] is True
     assert inductor_patches("reduce-overhead", BackendOptions())["triton.cudagraphs"] is True
-    assert inductor_patches("default", BackendOptions(inductor={"max_autotune": True})) == {"max_autotune": True}
+    patches = inductor_patches("default", BackendOptions(inductor={"max_autotune": True, "size_asserts": True}))
+    assert patches == {"max_autotune": True, "size_asserts": True, "alignment_asserts": False}
+
+
+def test_restrided_weight_recompiles_without_size_asserts(checkpoint):
+    """The backend turns Inductor's per-call size asserts off because dynamo's guards check input
+    strides, weights included: a weight restrided in place recompiles and stays right."""
+    model = hetgraph.from_pretrained(checkpoint(hetero_config("llama")))
+    backend = HetgraphBackend()
+    forward = torch.compile(model.forward, backend=backend, fullgraph=True)
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        forward(input_ids=ids)
+        weight = model.model.layers[1].mlp.down_proj.weight
+        weight.data = weight.data.t().contiguous().t()  # same shape and values, column-major
+        torch.testing.assert_close(forward(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert len(backend.reports) == 2
 
 
 @pytest.mark.parametrize("family", FAMILIES)

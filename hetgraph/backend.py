@@ -125,14 +125,29 @@ class HetgraphBackend:
         except Exception as e:
             if self.options.strict:
                 raise
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            reason = f"{type(e).__name__}: {_first_line(e)}"
             logger.warning("hetgraph: a pass failed (%s); compiling the graph unchanged", reason)
             work, report = gm, GraphReport(ctx.spec, [], gm, fallback=reason)
         self.reports.append(report)
         for record in report.records:
             for layer, reason in record.refused.items():
                 logger.info("hetgraph %s: layer %s: %s", record.name, layer, reason)
-        return compile_fx(work, example_inputs, config_patches=self.patches)
+        if work is not gm:
+            try:
+                return compile_fx(work, example_inputs, config_patches=self.patches)
+            except Exception as e:
+                # Inductor refusing the specialized graph is a hetgraph bug; the unchanged graph
+                # still computes the right thing.
+                if self.options.strict:
+                    raise
+                reason = f"Inductor: {type(e).__name__}: {_first_line(e)}"
+                logger.warning("hetgraph: %s on the specialized graph; compiling the graph unchanged", reason)
+                report.fallback, report.gm = reason, gm
+        return compile_fx(gm, example_inputs, config_patches=self.patches)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def hetgraph_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options=None):

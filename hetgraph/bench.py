@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -328,10 +329,28 @@ def run_worker(job: dict) -> dict:
     result["kv_bytes"] = _kv_bytes(cache)
     params = list(model.named_parameters())
     result["weight_bytes"] = sum(p.nbytes for _, p in params)
-    # A decode step streams every weight but the embedding table (one row of it).
-    # (NemotronH calls it `embeddings`; a MoE streams only its routed experts, counted here in full.)
-    result["streamed_bytes_per_token"] = sum(p.nbytes for n, p in params if ".embed" not in n) + result["kv_bytes"]
+    result["streamed_bytes_per_token"] = streamed_weight_bytes(model) + result["kv_bytes"]
     return result
+
+
+_ROUTED = re.compile(r"layers\.(\d+)\..*\.experts\.")  # merged routed-expert tensors: [experts, ...]
+
+
+def streamed_weight_bytes(model) -> int:
+    """Weight bytes one batch-1 decode step must read: every weight but the embedding table (one
+    row of it; NemotronH calls it `embeddings`), and of each MoE layer's routed experts only the
+    k experts a token is routed to (k / E of each merged expert tensor)."""
+    from hetgraph.build import model_spec
+
+    spec = model_spec(model)
+    total = 0
+    for name, p in model.named_parameters():
+        if ".embed" in name:
+            continue
+        routed = _ROUTED.search(name)
+        k = dict(spec[int(routed.group(1))].extra).get("num_experts_per_tok") if routed else None
+        total += p.nbytes * k // p.shape[0] if k else p.nbytes
+    return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,8 +402,15 @@ def _spawn(job: dict, timeout: int = 1800) -> dict:
         cmd = [sys.executable, "-m", "hetgraph.bench", "--worker", json.dumps(job)]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if out.returncode != 0:
-        return {"engine": job["engine"], "preset": job["preset"], "error": out.stderr.strip().splitlines()[-1:]}
+        return {"engine": job["engine"], "preset": job["preset"], "error": _exception_line(out.stderr)}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _exception_line(stderr: str) -> str:
+    """The raised exception's own line of a worker's traceback (not torch's hints printed after it)."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*", line)]
+    return (raised or lines or ["(no output)"])[-1]
 
 
 METRICS = (

@@ -218,6 +218,35 @@ def test_failing_pass_compiles_graph_unchanged_with_log(checkpoint, monkeypatch,
         torch.compile(model, backend=HetgraphBackend(options={"strict": True}))(ids)
 
 
+
+def test_inductor_failing_on_specialized_graph_compiles_it_unchanged(checkpoint, monkeypatch, caplog):
+    import torch._inductor.compile_fx as inductor
+
+    real = inductor.compile_fx
+
+    def refuses_shared_variants(gm, *args, **kwargs):
+        if any(n.target is torch.ops.higher_order.invoke_subgraph for n in gm.graph.nodes):
+            raise AssertionError("auto_functionalized_v2 was not removed")
+        return real(gm, *args, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx", refuses_shared_variants)
+    config = hetero_config("llama")
+    config["per_layer_config"] = {}  # homogeneous layers: shared variants, which this Inductor refuses
+    model = hetgraph.from_pretrained(checkpoint(config))
+    ids, mask = _ids()
+    backend = HetgraphBackend()
+    with caplog.at_level(logging.WARNING, logger="hetgraph.backend"):
+        with torch.no_grad():
+            got = torch.compile(model, backend=backend)(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, model(ids, attention_mask=mask).logits, atol=1e-4, rtol=0)
+    assert backend.reports[0].fallback == "Inductor: AssertionError: auto_functionalized_v2 was not removed"
+    assert "compiling the graph unchanged" in caplog.text
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="auto_functionalized_v2 was not removed"):
+        with torch.no_grad():
+            torch.compile(model, backend=HetgraphBackend(options={"strict": True}))(ids)
+
+
 def test_explain_reports_per_layer(checkpoint):
     model = hetgraph.from_pretrained(checkpoint(hetero_config("llama")))
     ids, mask = _ids()

@@ -178,6 +178,25 @@ def test_compiled_logits_equal_reference(ckpt, ref):
     assert not [n for n in report.gm.graph.nodes if n.target is torch.zeros_like]
 
 
+
+def test_shared_rope_variants_with_caches_compile(checkpoint):
+    """Layers 4 and 5 repeat layers 2 and 1 (chunked, RoPE, cached): each pair shares one subgraph whose
+    inputs include the complex `freqs_cis` and the cache it writes. That combination once left Inductor
+    an `auto_functionalized_v2` it refused; the backend now must not fall back, and decode stays exact."""
+    config = hetero_config(
+        num_hidden_layers=6,
+        no_rope_layers=[1, 1, 1, 0, 1, 1],
+        moe_layers=[1, 3, 5],
+        per_layer_config={**PER_LAYER, 4: PER_LAYER[2], 5: PER_LAYER[1]},
+    )
+    path = checkpoint(config)
+    backend = assert_compiled_decode(path, load_reference(path), VOCAB, new=8)
+    for report in backend.reports:
+        shared = [r for r in report.records if r.name == "group_layer_variants"][0].report
+        assert shared[2] == shared[4] and shared[4].startswith("shares"), shared
+        assert shared[1] == shared[5] and shared[5].startswith("shares"), shared
+
+
 # ---- export -------------------------------------------------------------------------------------
 
 

@@ -47,12 +47,24 @@ def _region(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]] | str:
     return list(inputs), outputs
 
 
+def _is_complex(node: fx.Node) -> bool:
+    v = value(node)
+    return isinstance(v, torch.Tensor) and v.is_complex()
+
+
 def _subgraph(nodes, inputs, outputs) -> fx.GraphModule:
     graph = fx.Graph()
     env = {}
     for k, a in enumerate(inputs):
         env[a] = p = graph.placeholder(f"arg{k}")
         p.meta = {"example_value": value(a)} if value(a) is not None else {}
+        if _is_complex(a):
+            # Complex inputs (Llama4's RoPE `freqs_cis`) cross the call as real views: functionalizing
+            # a call that has both a complex input and mutated inputs (the cache) left an
+            # `auto_functionalized_v2` node Inductor failed on ("was not removed").
+            p.meta = {"example_value": torch.view_as_real(value(a))}
+            env[a] = graph.call_function(torch.view_as_complex, (p,))
+            env[a].meta = {"example_value": value(a)}
     for k, n in enumerate(nodes):
         # Positional names, so that identical layers get identical code.
         args = fx.map_arg(n.args, lambda a: env[a])
@@ -127,8 +139,15 @@ def _replace_with_call(gm, name, nodes, inputs, outputs, layer) -> dict[fx.Node,
     tag = NodeTag(layer=layer, block=None, module_type="invoke_subgraph", module_name=name)
     with graph.inserting_after(nodes[-1]):
         attr = graph.get_attr(name)
+    args = []
+    for a in inputs:
+        if _is_complex(a):  # the subgraph takes it as a real view (see `_subgraph`)
+            with graph.inserting_before(attr):
+                a = graph.call_function(torch.view_as_real, (a,))
+            a.meta = {TAG: tag, "example_value": torch.view_as_real(value(a.args[0]))}
+        args.append(a)
     with graph.inserting_after(attr):
-        call = graph.call_function(INVOKE, (attr, name, *inputs))
+        call = graph.call_function(INVOKE, (attr, name, *args))
     call.meta = {TAG: tag, "example_value": tuple(value(n) for n in outputs)}
     members = set(nodes)
     anchor, replaced = call, {}

@@ -1,10 +1,11 @@
 """What sharing layer variants costs at run time: Inductor vs hetgraph with and without `group_layer_variants`.
 
-    python benchmarks/variant_sharing_cost.py --preset drop-attn --out benchmarks/results/cpu-2core/variant-sharing
+    python benchmarks/variant_sharing_cost.py --preset drop-attn --out benchmarks/results/cpu-2core/variant-sharing/drop-attn
 
 A shared variant is one subgraph that every layer of that variant calls (`invoke_subgraph`), so
 Inductor cannot fuse across its boundary (the residual add ending layer i with the RMSNorm starting
-layer i+1) and each call goes through the subgraph's own wrapper. This measures that cost on one
+layer i+1) and each call goes through the subgraph's own wrapper (and, with Inductor's default
+per-call size asserts, which hetgraph turns off, re-checks its inputs). This measures that cost on one
 model in one process: the three compiled forwards run interleaved, round after round, and the
 medians are compared. Compile times are in-process (warm Python, one shared Inductor cache dir that
 starts empty); `benchmarks/compile_scaling.py` measures cold compiles in fresh processes.
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     from hetgraph.bench import make_preset
     from hetgraph.passes import PASSES
 
-    torch._dynamo.config.recompile_limit = 64  # three compiled engines share one code object
+    torch._dynamo.config.recompile_limit = 64  # four compiled engines share one code object
     preset = make_preset(args.preset, 1)
     torch.manual_seed(0)
     model = hetgraph.from_config(preset.config)
@@ -49,6 +50,12 @@ def main(argv=None) -> int:
         "hetgraph": (torch.compile(model.forward, backend="hetgraph"), None),
         "hetgraph, no variant sharing": (
             torch.compile(model.forward, backend="hetgraph", options={"passes": without_grouping}),
+            None,
+        ),
+        # Inductor's own default, which hetgraph turns off (see hetgraph/backend.py DEFAULT_INDUCTOR).
+        "hetgraph, Inductor's size asserts on": (
+            torch.compile(model.forward, backend="hetgraph",
+                          options={"inductor": {"size_asserts": True, "alignment_asserts": True}}),
             None,
         ),
     }

@@ -66,7 +66,7 @@ class BackendOptions:
 # Inductor's per-call size and alignment asserts re-check, on every call, what dynamo's guards
 # already checked (sizes and strides of every graph input, weights included: a restrided weight
 # recompiles, tests/test_backend.py); inside a shared layer variant they run again on each layer's
-# call. Off, decode of drop-attn went from 1.06x to 0.98x Inductor's (benchmarks/variant_sharing_cost.py).
+# call: drop-attn decode 1.03x Inductor's with them, 1.01x without (benchmarks/variant_sharing_cost.py).
 DEFAULT_INDUCTOR: dict[str, Any] = {"size_asserts": False, "alignment_asserts": False}
 
 

@@ -80,6 +80,13 @@ def assert_greedy_matches(model, ref, ids, mask, new: int, cache: str):
     return out
 
 
+
+def assert_uncached_greedy_matches(model, ref, vocab: int, new: int = 12):
+    """`generate` without a cache (each step recomputes the whole prefix) equals the reference."""
+    ids, _ = prompts(vocab, batch=1, length=5, pad=(0,))
+    out = model.generate(ids, max_new_tokens=new, use_cache=False, **GREEDY)
+    assert torch.equal(out, ref.greedy(ids, new))
+
 def assert_stateless_layers_hold_dummies(model, cache):
     """Layers without attention (or mamba state) hold a `DummyLayer`, whichever cache generate used."""
     spec = hetgraph.build.model_spec(model)

@@ -145,6 +145,15 @@ class ReferenceModel:
         self._used.add(name)
         return t.float()
 
+    def _take_head(self, norm_name, vocab, hidden, strict):
+        """The final norm and the LM head (the embedding when the checkpoint has no `lm_head.weight`),
+        then `unused_keys`: the checkpoint tensors the config did not explain (with `strict`, an error)."""
+        self.norm = self._take(norm_name, (hidden,))
+        self.lm_head = self._take("lm_head.weight", (vocab, hidden)) if "lm_head.weight" in self._t else self.embed
+        self.unused_keys = sorted(set(self._t) - self._used)
+        if strict and self.unused_keys:
+            raise ValueError(f"checkpoint has tensors the config does not explain: {self.unused_keys}")
+
 
 class RefModel(ReferenceModel):
     def __init__(self, config, tensors, dtype=torch.float32, strict=True):
@@ -159,7 +168,7 @@ class RefModel(ReferenceModel):
         self.eps = cfg["rms_norm_eps"]
         self.rope = _rope_parameters(cfg)
         self.hidden = cfg["hidden_size"]
-        self._tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        self._t = {k: v.to(dtype) for k, v in tensors.items()}
         self._used = set()
 
         per_layer = _per_layer(cfg)
@@ -224,19 +233,12 @@ class RefModel(ReferenceModel):
                         w[name + "_b"] = self._take(f"{pre}mlp.{name}_proj.bias", shape[:1]) if mlp_bias else None
                 layer[block] = w
             self.layers.append(layer)
-        self.norm = self._take("model.norm.weight", (self.hidden,))
-        if "lm_head.weight" in self._tensors:
-            self.lm_head = self._take("lm_head.weight", (vocab, self.hidden))
-        else:
-            self.lm_head = self.embed
-        self.unused_keys = sorted(set(self._tensors) - self._used)
-        if strict and self.unused_keys:
-            raise ValueError(f"checkpoint has tensors the config does not explain: {self.unused_keys}")
+        self._take_head("model.norm.weight", vocab, self.hidden, strict)
 
     def _take(self, name, shape=None):
-        if name not in self._tensors:
+        if name not in self._t:
             raise KeyError(f"missing tensor {name}")
-        t = self._tensors[name]
+        t = self._t[name]
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
         self._used.add(name)

@@ -129,12 +129,7 @@ class GptOssRef(ReferenceModel):
                     "down_b": self._take(p + "mlp.experts.down_proj_bias", (E, H)),
                 }
             self.layers.append(L)
-        self.norm = self._take("model.norm.weight", (H,))
-        tied = "lm_head.weight" not in tensors
-        self.lm_head = self.embed if tied else self._take("lm_head.weight", (cfg["vocab_size"], H))
-        unused = sorted(set(tensors) - self._used)
-        if strict and unused:
-            raise ValueError(f"checkpoint has tensors the config does not explain: {unused}")
+        self._take_head("model.norm.weight", cfg["vocab_size"], H, strict)
 
     def _attention(self, x, a, L, positions, mask):
         B, T, _ = x.shape

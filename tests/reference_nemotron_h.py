@@ -96,11 +96,7 @@ class NemotronHRef(ReferenceModel):
                 L["norm"] = self._take(p + "norm.weight", (H,))
                 getattr(self, "_load_" + block_type)(L, p + "mixer.")
             self.layers.append(L)
-        self.norm = self._take("norm_f.weight", (H,))
-        self.lm_head = self._take("lm_head.weight", (cfg["vocab_size"], H))
-        unused = sorted(set(self._t) - self._used)
-        if strict and unused:
-            raise ValueError(f"checkpoint has tensors the config does not explain: {unused}")
+        self._take_head("norm_f.weight", cfg["vocab_size"], H, strict)
 
     # ---- weights --------------------------------------------------------------------------------
 

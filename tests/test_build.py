@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -14,7 +15,11 @@ import transformers
 
 import hetgraph
 from cases import FAMILIES, VOCAB, hetero_config
+from family_checks import GREEDY, assert_greedy_matches, assert_logits_match, read_config
+from family_checks import prompts as family_prompts
 from reference import load_reference
+
+prompts = functools.partial(family_prompts, VOCAB)
 
 STOCK_CLASS = {
     "llama": transformers.LlamaForCausalLM,
@@ -24,9 +29,7 @@ STOCK_CLASS = {
 }
 # A removed block takes its pre-norm with it.
 BLOCK_MODULES = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
-ATOL = 1e-4
 # The reference never stops at EOS; neither may generate.
-GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 NEW_TOKENS = 10
 
 
@@ -51,22 +54,6 @@ def model(ckpt):
 @pytest.fixture(scope="module")
 def ref(ckpt):
     return load_reference(ckpt)
-
-
-def prompts(batch=2, length=12, pad=(0, 4), seed=0):
-    """Random ids [B, T] and a left-padding mask (row b has pad[b] leading pad tokens, id 0)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for b, n in enumerate(pad):
-        mask[b, :n] = 0
-        ids[b, :n] = 0
-    return ids, mask
-
-
-def read_config(path) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
 
 
 def layer_settings(config: dict, i: int) -> dict:
@@ -113,14 +100,6 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             shapes[p + "mlp.up_proj.weight"] = (m, hidden)
             shapes[p + "mlp.down_proj.weight"] = (hidden, m)
     return shapes
-
-
-@torch.no_grad()
-def assert_logits_match(model, ref, ids, mask=None):
-    got = model(ids, attention_mask=mask).logits
-    want = ref.logits(ids, mask)
-    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
 
 
 # ---- structure ----------------------------------------------------------------------------------
@@ -174,12 +153,7 @@ def test_logits_match_reference_left_padded(model, ref):
 @pytest.mark.parametrize("cache", ["default", "make_cache"])
 def test_greedy_generate_matches_reference(model, ref, cache):
     ids, mask = prompts(pad=(0, 4))
-    kwargs = {}
-    if cache == "make_cache":
-        kwargs["cache"] = hetgraph.make_cache(model, batch_size=2, max_cache_len=ids.shape[1] + NEW_TOKENS)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, **GREEDY, **kwargs)
-    want = ref.greedy(ids, NEW_TOKENS, mask)
-    assert torch.equal(out, want), f"\ngenerated {out.tolist()}\nreference {want.tolist()}"
+    assert_greedy_matches(model, ref, ids, mask, NEW_TOKENS, cache)
 
 
 @pytest.mark.parametrize("cache", ["default", "make_cache", "none"])

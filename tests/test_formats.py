@@ -5,6 +5,7 @@ layout; the oracle is `reference.py`, which reads those layouts itself."""
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import json
 import os
@@ -19,6 +20,8 @@ from transformers.cache_utils import DummyLayer, StaticLayer
 
 import hetgraph
 from cases import VOCAB, homogeneous_config
+from family_checks import prompts as family_prompts
+from family_checks import read_config
 from hetgraph import formats
 from hetgraph.backend import HetgraphBackend
 from hetgraph.build import model_spec
@@ -154,14 +157,7 @@ def nemotron_ref(nemotron_ckpt):
     return load_reference(nemotron_ckpt)
 
 
-def prompts(batch=2, length=10, pad=(0, 3), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for b, n in enumerate(pad):
-        mask[b, :n] = 0
-        ids[b, :n] = 0
-    return ids, mask
+prompts = functools.partial(family_prompts, VOCAB, length=10, pad=(0, 3))
 
 
 def assert_logits_match(got, want, mask):
@@ -270,14 +266,9 @@ def test_nemotron_compiled_prefill_and_decode_match_reference(nemotron_ckpt, nem
 # ---- save_pretrained and convert --------------------------------------------------------------------
 
 
-def _read_config(path) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
-
-
 def test_save_pretrained_writes_per_layer_config_that_reloads_identically(nemotron, nemotron_ref, tmp_path):
     nemotron.save_pretrained(tmp_path)
-    saved = _read_config(tmp_path)
+    saved = read_config(tmp_path)
     assert saved["model_type"] == "llama" and saved["architectures"] == ["LlamaForCausalLM"]
     for key in ("block_configs", "auto_map", "rope_scaling"):
         assert key not in saved
@@ -321,7 +312,7 @@ def test_convert_round_trip_sharded_one_tensor_at_a_time(nemotron_ckpt, nemotron
         with safe_open(str(dst / shard), framework="pt") as f:
             sizes = [f.get_tensor(k).nbytes for k in f.keys()]
         assert sum(sizes) <= 40_000 or len(sizes) == 1
-    config = _read_config(dst)
+    config = read_config(dst)
     assert config["model_type"] == "llama" and "block_configs" not in config and "auto_map" not in config
 
     converted = hetgraph.from_pretrained(str(dst))
@@ -344,7 +335,7 @@ def test_convert_command_single_file_and_refuses_to_overwrite(nemotron_ckpt, tmp
     # Converting the per-layer checkpoint again is a plain copy of the layout.
     again = tmp_path / "again"
     assert cli_main(["convert", str(dst), str(again), "--quiet"]) == 0
-    assert _read_config(again)["per_layer_config"] == _read_config(dst)["per_layer_config"]
+    assert read_config(again)["per_layer_config"] == read_config(dst)["per_layer_config"]
     capsys.readouterr()
     assert cli_main(["convert", nemotron_ckpt, str(dst), "--quiet"]) == 2
     assert "not an empty directory" in capsys.readouterr().err
@@ -481,7 +472,7 @@ def test_checkpoint_not_matching_block_configs_names_the_tensor(tmp_path, shapes
 def _llm_drop(family: str, attn, mlp, *, keep_dropped_weights: bool, tmp_path, checkpoint) -> tuple[str, list]:
     """A stock checkpoint with LLM-Drop's lists in its config; optionally without the dropped blocks' tensors."""
     base = checkpoint(homogeneous_config(family, num_hidden_layers=5, sliding_window=None), seed=3)
-    config = _read_config(base)
+    config = read_config(base)
     config.update(drop_attn_list=attn, drop_mlp_list=mlp, auto_map={"AutoConfig": "configuration_dropped_llama.X"})
     with safe_open(os.path.join(base, "model.safetensors"), framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -522,7 +513,7 @@ def test_llm_drop_loads_with_blocks_removed(family, attn, mlp, keep, attn_idx, m
 
     converted = tmp_path / "converted"
     convert(path, str(converted), progress=False)
-    saved = _read_config(converted)
+    saved = read_config(converted)
     assert "drop_attn_list" not in saved and "auto_map" not in saved
     assert {int(k): sorted(v["skip"]) for k, v in saved["per_layer_config"].items()} == {
         i: sorted(b for b, idx in (("attention", attn_idx), ("mlp", mlp_idx)) if i in idx)

@@ -12,14 +12,15 @@ from transformers.cache_utils import DummyLayer, LinearAttentionLayer, StaticLay
 
 import hetgraph
 from family_checks import (
-    assert_exported_decode,
-    family_fixtures,
     assert_compiled_decode,
     assert_compiled_logits,
+    assert_exported_decode,
     assert_greedy_matches,
     assert_logits_match,
     assert_save_load_round_trip,
     assert_stateless_layers_hold_dummies,
+    assert_uncached_greedy_matches,
+    family_fixtures,
     prompts,
     read_config,
 )
@@ -135,9 +136,7 @@ def test_greedy_generate_matches_reference(model, ref, cache):
 
 
 def test_layer0_without_attention_decodes_without_cache(model, ref):
-    ids, _ = prompts(VOCAB, batch=1, length=5, pad=(0,))
-    out = model.generate(ids, max_new_tokens=12, use_cache=False, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert torch.equal(out, ref.greedy(ids, 12))
+    assert_uncached_greedy_matches(model, ref, VOCAB)
 
 
 def test_save_load_round_trip(model, ckpt, tmp_path):

@@ -92,7 +92,9 @@ def context_from_inputs(gm: fx.GraphModule, example_inputs) -> PassContext:
         layer = getattr(example, LAYER_TAG, None)
         if layer is not None:
             input_layers[node.name] = layer
-    return PassContext(spec=spec, input_layers=input_layers)
+    # What AOT autograd itself checks to decide whether to build a joint forward-backward graph.
+    needs_grad = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs)
+    return PassContext(spec=spec, input_layers=input_layers, needs_grad=needs_grad)
 
 
 @dataclass

@@ -47,10 +47,15 @@ def _table(graph: GraphReport) -> list[str]:
     return [fmt.format(*header), *(fmt.format(*r) for r in rows)]
 
 
-def explain(model: torch.nn.Module, *args, mode: str | None = None, options=None, **kwargs) -> Explanation:
-    """Compile `model` with the hetgraph backend, run it once on the given inputs, return the report."""
+def explain(
+    model: torch.nn.Module, *args, mode: str | None = None, options=None, grad: bool = False, **kwargs
+) -> Explanation:
+    """Compile `model` with the hetgraph backend, run it once on the given inputs, return the report.
+
+    `grad=True` runs with gradients enabled, as a training step does (some passes then refuse).
+    """
     backend = HetgraphBackend(mode, options)
     compiled = torch.compile(model, backend=backend)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         compiled(*args, **kwargs)
     return Explanation(backend.reports)

@@ -16,6 +16,9 @@ class PassContext:
 
     spec: ModelSpec | None
     input_layers: dict[str, int] = field(default_factory=dict)  # placeholder name -> layer index
+    # Whether the compiled graph will be differentiated (grad mode on and an input requires grad):
+    # AOT autograd then builds a joint graph, and a pass must keep the backward exact too.
+    needs_grad: bool = False
 
 
 @dataclass

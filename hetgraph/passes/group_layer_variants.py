@@ -7,6 +7,13 @@ spec. Every variant used by two or more layers becomes one shared module called 
 `torch.ops.higher_order.invoke_subgraph`, which Inductor compiles once per identifier and calls for
 each layer; a variant used once stays inline, where Inductor can fuse it with its neighbours.
 A layer whose nodes are not a self-contained region of the graph is left inline and reported.
+
+Not when the graph will be differentiated: Inductor (torch 2.13) plans the outer graph's buffers as
+if a subgraph call's outputs were fresh, but the partitioned forward subgraph returns its inputs
+(the layer's input activations) as values saved for backward, and the outer graph then reuses those
+buffers in place; a subgraph's backward also inherits the outer graph's donated-buffer indices
+(pytorch/pytorch#192840). The forward stays exact; the gradients do not (relative errors up to
+9e4, tests/test_training.py). So with gradients needed every layer stays inline, and the pass says why.
 """
 
 from __future__ import annotations
@@ -22,6 +29,11 @@ from hetgraph.passes._types import PassContext, PassResult
 
 INVOKE = torch.ops.higher_order.invoke_subgraph
 PREFIX = "hetgraph_variant_"
+GRAD_REFUSAL = (
+    "gradients are needed: layers are not shared, since Inductor's buffer reuse around a shared "
+    "subgraph corrupts the saved activations its backward reads (pytorch/pytorch#192840); "
+    "each layer compiles inline and the backward is exact"
+)
 
 
 def _region(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]] | str:
@@ -92,6 +104,8 @@ def group_layer_variants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     report, refused = {}, {}
     if ctx.spec is None:
         return PassResult(gm, changed=False)
+    if ctx.needs_grad:
+        return PassResult(gm, changed=False, refused={None: GRAD_REFUSAL})
     by_layer: dict[int, list[fx.Node]] = defaultdict(list)
     for n in compute_nodes(gm):
         if layer_of(n) is not None:

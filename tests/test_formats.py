@@ -22,12 +22,13 @@ import hetgraph
 from cases import VOCAB, homogeneous_config
 from family_checks import prompts as family_prompts
 from family_checks import read_config
-from hetgraph import formats
+from hetgraph import HeteroConfigError, formats
 from hetgraph.backend import HetgraphBackend
 from hetgraph.build import model_spec
 from hetgraph.checkpoint import CheckpointError, TensorIndex
 from hetgraph.cli import main as cli_main
 from hetgraph.formats.convert import convert
+from hetgraph.inspect import inspect_config
 from hetgraph.formats.nemotron_nas import ffn_width
 from hetgraph.inspect import inspect_config
 from hetgraph.passes._graph import SDPA, tag
@@ -582,3 +583,44 @@ def test_inspect_super_49b_bare_config(capsys):
     assert cli_main(["inspect", SUPER_49B]) == 0
     out = capsys.readouterr().out
     assert "read from the nemotron-nas layout" in out and "attention blocks: 49 full, 31 skip, 0 linear" in out
+
+
+# ---- other `block_configs` layouts: told apart by model_type ------------------------------------------
+
+# The shapes of NVIDIA's two other Puzzle layouts (../shared/notes/ecosystem.md, finding 3).
+PUZZLE_LAYOUTS = {
+    "nemotron_h_puzzle": {
+        "model_type": "nemotron_h_puzzle", "architectures": ["NemotronHPuzzleForCausalLM"],
+        "hidden_size": 64, "vocab_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "block_configs": [{"block_type": "mamba"}, {"block_type": "moe", "moe_intermediate_size": 96,
+                                                    "num_experts_per_tok": 2}, {"block_type": "attention"}],
+    },
+    "gpt_oss_puzzle": {
+        "model_type": "gpt_oss_puzzle", "architectures": ["GptOssPuzzleForCausalLM"],
+        "hidden_size": 64, "vocab_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "block_configs": [{"num_local_experts": 8, "sliding_window": 128},
+                          {"num_local_experts": 4, "sliding_window": None}],
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", sorted(PUZZLE_LAYOUTS))
+def test_other_block_configs_layouts_are_named_not_taken_for_nemotron_nas(model_type, tmp_path):
+    d = PUZZLE_LAYOUTS[model_type]
+    want = rf"`block_configs` but model_type='{model_type}'.*does not read that layout"
+    with pytest.raises(HeteroConfigError, match=want) as err:
+        hetgraph.from_config(d)
+    assert "n_heads_in_group" not in str(err.value) and "ffn_mult" not in str(err.value)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(HeteroConfigError, match=want):
+        inspect_config(str(tmp_path))
+
+
+def test_nemotron_nas_is_detected_by_model_type_or_architecture():
+    from hetgraph import HeteroConfigError, formats
+
+    d = nemotron_config()
+    assert formats.detect(d).name == "nemotron-nas"
+    assert formats.detect({**d, "model_type": "deci"}).name == "nemotron-nas"
+    assert formats.detect({**d, "model_type": None}).name == "nemotron-nas"  # DeciLMForCausalLM
+    assert formats.detect({**d, "model_type": None, "architectures": None, "block_configs": None}) is None

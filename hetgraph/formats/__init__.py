@@ -37,8 +37,20 @@ FORMATS: tuple[Format, ...] = tuple(
 
 
 def detect(config_dict: Mapping[str, Any]) -> Format | None:
-    """The format of a config dict, or None for the native per-layer form; two at once is an error."""
+    """The format of a config dict, or None for the native per-layer form; two at once is an error.
+
+    Formats are told apart by `model_type` first: NemotronH-Puzzle (`nemotron_h_puzzle`) and
+    gpt-oss-puzzle (`gpt_oss_puzzle`) store `block_configs` too, with other schemas.
+    """
     found = [f for f in FORMATS if f.detect(config_dict)]
+    if config_dict.get("block_configs") is not None and not found:
+        model_type = config_dict.get("model_type")
+        architectures = config_dict.get("architectures") or []
+        raise HeteroConfigError(
+            f"config has `block_configs` but model_type={model_type!r} (architectures {architectures}): "
+            f"hetgraph does not read that layout; the `block_configs` it reads are Nemotron-NAS "
+            f"(model_type {list(nemotron_nas.MODEL_TYPES)} or {nemotron_nas.ARCHITECTURE})"
+        )
     if len(found) > 1:
         raise HeteroConfigError(
             f"config matches several checkpoint layouts {[f.name for f in found]}; hetgraph reads one at a time"

@@ -30,6 +30,7 @@ from hetgraph.spec import HeteroConfigError
 
 NAME = "nemotron-nas"
 MODEL_TYPE = "nemotron-nas"
+MODEL_TYPES = (MODEL_TYPE, "deci")  # "deci": NVIDIA's own small test configs (TensorRT-LLM)
 ARCHITECTURE = "DeciLMForCausalLM"
 FFN_MULTIPLE = 256
 
@@ -56,11 +57,8 @@ _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_
 
 
 def detect(config_dict: Mapping[str, Any]) -> bool:
-    return (
-        "block_configs" in config_dict
-        or config_dict.get("model_type") == MODEL_TYPE
-        or ARCHITECTURE in (config_dict.get("architectures") or ())
-    )
+    """By `model_type` (or DeciLM's architecture): other Puzzle families use `block_configs` too."""
+    return config_dict.get("model_type") in MODEL_TYPES or ARCHITECTURE in (config_dict.get("architectures") or ())
 
 
 def ffn_width(ffn_mult: float, hidden_size: int) -> int:

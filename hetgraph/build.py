@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from hetgraph import attention
+from hetgraph import attention, stock_guard
 from hetgraph.arch import FamilyAdapter
 from hetgraph.backend import tag_parameters
 from hetgraph.spec import FULL, LINEAR, NONE, SKIP, HeteroConfigError, ModelSpec, config_from_dict
@@ -163,8 +164,22 @@ def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementatio
         layer.register_forward_pre_hook(attention.LayerInputsHook(mask_key, s.head_dim), with_kwargs=True)
     # `generate` looks this up on the model; hetgraph builds masks inside the forward instead.
     model.create_masks_for_generate = attention.create_masks_for_generate
+    model.save_pretrained = types.MethodType(save_pretrained, model)
     setattr(model, SPEC_ATTR, spec)
     tag_parameters(model, spec, base.layers)
+
+
+def save_pretrained(model: PreTrainedModel, save_directory, *args, **kwargs) -> None:
+    """transformers' own `save_pretrained`, then config.json made unambiguous to stock readers.
+
+    See `hetgraph.stock_guard`: the ambiguity guard's switch is never persisted, and a checkpoint
+    stock transformers would silently misread is marked so that it refuses it.
+    """
+    if kwargs.get("push_to_hub"):
+        raise ValueError("hetgraph models: save_pretrained(push_to_hub=True) is not supported; save, then upload")
+    type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True):
+        stock_guard.guard_saved_config(save_directory)
 
 
 def _global_head_dim(config) -> int:
@@ -183,8 +198,9 @@ def _allow_global_reads(adapter: FamilyAdapter, config) -> None:
     """`LlamaConfig.validate()` (run by `save_pretrained`) reads `num_attention_heads` globally.
 
     With per-layer head counts that read raises. transformers' escape hatch is
-    `allow_global_per_layer_attribute_access`; it is set only when such an attribute varies.
-    No global value reaches a layer: every layer reads its own config.
+    `allow_global_per_layer_attribute_access`; it is set only when such an attribute varies, on
+    the live config only (hetgraph's `save_pretrained` never writes it). No global value reaches a
+    layer: every layer reads its own config.
     """
     if config.is_heterogeneous and set(adapter.validate_reads) & config.per_layer_attributes:
         config.allow_global_per_layer_attribute_access = True

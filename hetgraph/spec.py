@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from transformers import CONFIG_MAPPING, PreTrainedConfig
 
 from hetgraph.arch import FamilyAdapter, adapter_for
+from hetgraph.stock_guard import strip_guard
 
 FULL, SKIP, LINEAR = "full", "skip", "linear"
 NONE = "none"  # the layer has no such block by construction (a NemotronH mamba block has no MLP)
@@ -433,7 +434,7 @@ def config_from_dict(config_dict: Mapping[str, Any]) -> PreTrainedConfig:
     from hetgraph.formats import normalize  # formats builds on this module
 
     # transformers writes inf / nan as {"__float__": "Infinity"} (NemotronH's `time_step_limit`).
-    d = PreTrainedConfig._decode_special_floats(copy.deepcopy(dict(normalize(config_dict))))
+    d = PreTrainedConfig._decode_special_floats(copy.deepcopy(dict(normalize(strip_guard(config_dict)))))
     model_type = d.get("model_type")
     if model_type is None:
         raise HeteroConfigError("config has no 'model_type'; hetgraph needs it to pick the model family")
@@ -457,7 +458,6 @@ def config_from_dict(config_dict: Mapping[str, Any]) -> PreTrainedConfig:
     if adapter.has_layer_types:
         _set_layer_types(adapter, d, num_layers, overrides)
     d.pop("transformers_version", None)
-    d.pop("allow_global_per_layer_attribute_access", None)  # see build._allow_global_reads
     try:
         config = CONFIG_MAPPING[model_type](**d)
         config.per_layer_config = overrides

@@ -305,9 +305,20 @@ class RefModel(ReferenceModel):
         return torch.nn.functional.linear(h, self.lm_head).float()
 
 
+# hetgraph marks checkpoints stock transformers would misread with this per-layer note (and nothing
+# else changes in the file): a reader that implements the per-layer semantics ignores it.
+GUARD_NOTE = "requires_hetgraph"
+
+
+def per_layer_entries(cfg) -> dict[int, dict]:
+    """``per_layer_config`` with int keys, without hetgraph's note for stock readers."""
+    entries = {int(k): {a: x for a, x in v.items() if a != GUARD_NOTE} for k, v in (cfg.get("per_layer_config") or {}).items()}
+    return {i: v for i, v in entries.items() if v and i < cfg.get("num_hidden_layers", float("inf"))}
+
+
 def _per_layer(cfg):
     """Layer index -> overrides, from ``per_layer_config``, ``block_configs`` or LLM-Drop's lists."""
-    per_layer = {int(k): dict(v) for k, v in (cfg.get("per_layer_config") or {}).items()}
+    per_layer = per_layer_entries(cfg)
     for i, block in enumerate(cfg.get("block_configs") or []):
         # DeciLM: KV heads = heads / n_heads_in_group; MLP width = 2/3 * ffn_mult * hidden, to a multiple of 256.
         over = per_layer.setdefault(i, {})

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from reference import allowed_keys, _load_tensors, positions_from_mask, ReferenceModel
+from reference import per_layer_entries, allowed_keys, _load_tensors, positions_from_mask, ReferenceModel
 
 ALIASES = {"num_experts": "num_local_experts"}
 LAYER_ATTRS = (
@@ -88,7 +88,7 @@ class GptOssRef(ReferenceModel):
         types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
         bias = cfg.get("attention_bias", True)
         per_layer = {
-            int(k): {ALIASES.get(a, a): v for a, v in o.items()} for k, o in (cfg.get("per_layer_config") or {}).items()
+            k: {ALIASES.get(a, a): v for a, v in o.items()} for k, o in per_layer_entries(cfg).items()
         }
         self.embed = self._take("model.embed_tokens.weight", (cfg["vocab_size"], H))
         self.layers = []

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from reference import allowed_keys, inv_freq, _load_tensors, positions_from_mask, ReferenceModel, _rope_parameters
+from reference import per_layer_entries, allowed_keys, inv_freq, _load_tensors, positions_from_mask, ReferenceModel, _rope_parameters
 
 LAYER_ATTRS = (
     "intermediate_size",
@@ -61,7 +61,7 @@ class Llama4Ref(ReferenceModel):
         step = cfg.get("interleave_moe_layer_step", 1)
         moe_layers = cfg.get("moe_layers")
         moe_layers = set(range(step - 1, n, step) if moe_layers is None else moe_layers)
-        per_layer = {int(k): v for k, v in (cfg.get("per_layer_config") or {}).items()}
+        per_layer = per_layer_entries(cfg)
         self.embed = self._take("model.embed_tokens.weight", (cfg["vocab_size"], H))
         self.layers = []
         for i in range(n):

@@ -30,7 +30,7 @@ import os
 import torch
 from torch.nn import functional as F
 
-from reference import _load_tensors, ReferenceModel
+from reference import per_layer_entries, _load_tensors, ReferenceModel
 
 ALIASES = {"num_local_experts": "n_routed_experts", "layer_types": "layers_block_type"}
 LAYER_ATTRS = (
@@ -77,7 +77,7 @@ class NemotronHRef(ReferenceModel):
         glob["num_key_value_heads"] = glob["num_key_value_heads"] or glob["num_attention_heads"]
         types = cfg["layers_block_type"]
         per_layer = {
-            int(k): {ALIASES.get(a, a): v for a, v in o.items()} for k, o in (cfg.get("per_layer_config") or {}).items()
+            k: {ALIASES.get(a, a): v for a, v in o.items()} for k, o in per_layer_entries(cfg).items()
         }
         self.embed = self._take("embeddings.weight", (cfg["vocab_size"], H))
         self.layers = []

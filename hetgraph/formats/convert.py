@@ -19,6 +19,7 @@ import shutil
 import torch
 from safetensors import safe_open
 
+from hetgraph import stock_guard
 from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, TensorIndex, check_tensors, read_config
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def convert(
     written = _write_shards(index, shards, index.shapes, dtypes, dst, progress)
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(dst)
+    stock_guard.guard_saved_config(dst)
     written.append(os.path.join(dst, "config.json"))
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)

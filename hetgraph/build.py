@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import types
 from typing import Any, Mapping
 
@@ -167,6 +168,13 @@ def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementatio
     model.save_pretrained = types.MethodType(save_pretrained, model)
     setattr(model, SPEC_ATTR, spec)
     tag_parameters(model, spec, base.layers)
+    # `load_state_dict(assign=True)` replaces the parameters, and with them the tags the backend reads.
+    model.register_load_state_dict_post_hook(_retag_parameters)
+
+
+def _retag_parameters(model: PreTrainedModel, _incompatible_keys) -> None:
+    spec = model_spec(model)
+    tag_parameters(model, spec, getattr(model, spec.adapter.base_model_attr).layers)
 
 
 def save_pretrained(model: PreTrainedModel, save_directory, *args, **kwargs) -> None:
@@ -177,9 +185,27 @@ def save_pretrained(model: PreTrainedModel, save_directory, *args, **kwargs) -> 
     """
     if kwargs.get("push_to_hub"):
         raise ValueError("hetgraph models: save_pretrained(push_to_hub=True) is not supported; save, then upload")
+    before = _weight_files(save_directory)
     type(model).save_pretrained(model, save_directory, *args, **kwargs)
     if kwargs.get("is_main_process", True):
+        # transformers removes another save's shards, not its index or single file: a directory
+        # must never hold two sets of weights.
+        for path, stamp in before.items():
+            if _weight_files(save_directory).get(path) == stamp:
+                os.remove(path)
         stock_guard.guard_saved_config(save_directory)
+
+
+def _weight_files(directory) -> dict[str, tuple[int, int]]:
+    """safetensors weights and their index in `directory`: path -> (inode, mtime)."""
+    if not os.path.isdir(directory):
+        return {}
+    found = {}
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors") or name.endswith(".safetensors.index.json"):
+            st = os.stat(os.path.join(directory, name))
+            found[os.path.join(directory, name)] = (st.st_ino, st.st_mtime_ns)
+    return found
 
 
 def _global_head_dim(config) -> int:
@@ -315,6 +341,17 @@ def _expected_tensors(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
 
+def checkpoint_index(path: str, config_dict: Mapping[str, Any], spec: ModelSpec):
+    """The checkpoint's tensors under the model's names: the layout's map (e.g. LLM-Drop's leftover
+    tensors dropped), then the family's stored layout (NemotronH: `backbone.`, one tensor per expert)."""
+    from hetgraph import checkpoint, formats
+
+    index = formats.map_index(config_dict, checkpoint.TensorIndex.open(path))
+    if spec.adapter.checkpoint_index is not None:
+        index = spec.adapter.checkpoint_index(index)
+    return index
+
+
 def _config_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
@@ -329,14 +366,11 @@ def from_pretrained(
 
     No hub access, no pickle, no remote code. Every tensor is checked before storage is allocated.
     """
-    from hetgraph import checkpoint, formats
+    from hetgraph import checkpoint
 
     config_dict = checkpoint.read_config(path)
     model, spec = build_skeleton(config_dict, attn_implementation)
-    # Stored names -> hetgraph's, per the checkpoint's layout (e.g. LLM-Drop's leftover tensors dropped).
-    index = formats.map_index(config_dict, checkpoint.TensorIndex.open(path))
-    if spec.adapter.checkpoint_index is not None:  # the family's stored layout (NemotronH: `backbone.`)
-        index = spec.adapter.checkpoint_index(index)
+    index = checkpoint_index(path, config_dict, spec)
     checkpoint.check_tensors(_expected_tensors(model), index)
     dtype = dtype or _config_dtype(model.config)
     materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype)

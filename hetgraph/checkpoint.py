@@ -46,9 +46,17 @@ class TensorIndex:
     def open(cls, directory: str) -> "TensorIndex":
         single = os.path.join(directory, SINGLE_FILE)
         index = os.path.join(directory, INDEX_FILE)
+        if os.path.exists(index) and os.path.exists(single):
+            raise CheckpointError(
+                f"{directory}: holds both {SINGLE_FILE} and {INDEX_FILE}; one is left from another save "
+                f"(remove it): hetgraph does not guess which"
+            )
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f).get("weight_map")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                raise CheckpointError(f"{index}: not valid JSON with a 'weight_map' ({e})") from e
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: has no 'weight_map'")
             shard_names = sorted(set(weight_map.values()))

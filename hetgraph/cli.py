@@ -35,7 +35,7 @@ def inspect(args: argparse.Namespace) -> int:
     """Per-layer table of a config: blocks, sizes, parameters and KV bytes per token against the homogeneous parent."""
     from hetgraph.inspect import inspect_config
 
-    report = inspect_config(args.path)
+    report = inspect_config(args.path, check_weights=not args.no_check_weights)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
     return 0
 
@@ -127,8 +127,10 @@ COMMANDS: tuple[Command, ...] = (
         "inspect",
         inspect,
         (
-            _arg("path", help="checkpoint directory or config.json (weights are never read)"),
+            _arg("path", help="checkpoint directory or config.json"),
             _arg("--json", action="store_true", help="print the report as JSON"),
+            _arg("--no-check-weights", action="store_true",
+                 help="do not read the stored tensors (by default each is read once and NaN/Inf are reported)"),
         ),
     ),
     Command("passes", passes),

@@ -18,7 +18,7 @@ from transformers import PreTrainedConfig
 
 from hetgraph import formats
 from hetgraph.build import _parent_config, build_skeleton, normalize_config
-from hetgraph.checkpoint import read_config
+from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, read_config
 from hetgraph.spec import FULL, LINEAR, SKIP, HeteroConfigError, LayerSpec, ModelSpec
 
 
@@ -174,6 +174,8 @@ class Report:
     parent: Totals  # the global values applied to every layer, nothing removed
     source: str | None = None
     layout: str | None = None  # the checkpoint layout read (`hetgraph.formats`), None for per_layer_config
+    # Stored tensors holding NaN or Inf: name -> (NaN count, Inf count); None when no weights were read.
+    nonfinite: dict[str, tuple[int, int]] | None = None
 
     @property
     def ratio(self) -> dict[str, float | None]:
@@ -199,6 +201,7 @@ class Report:
             "totals": self.totals.to_dict(),
             "parent": self.parent.to_dict(),
             "ratio": self.ratio,
+            "nonfinite_weights": None if self.nonfinite is None else {k: list(v) for k, v in self.nonfinite.items()},
         }
 
     def to_text(self) -> str:
@@ -230,6 +233,11 @@ class Report:
             ],
             left={0},
         )
+        if self.nonfinite:
+            lines += ["", f"WARNING: {len(self.nonfinite)} stored tensor(s) hold NaN or Inf (loaded as stored):"]
+            lines += [f"  {name}: {nan} NaN, {inf} Inf" for name, (nan, inf) in sorted(self.nonfinite.items())]
+        elif self.nonfinite is not None:
+            lines += ["", "weights: every stored value is finite"]
         return "\n".join(lines)
 
     def _block_counts(self, block: str) -> str:
@@ -237,8 +245,14 @@ class Report:
         return ", ".join(f"{kinds.count(kind)} {kind}" for kind in (FULL, SKIP, LINEAR))
 
 
-def inspect_config(config_or_path: Mapping | PreTrainedConfig | str | os.PathLike) -> Report:
-    """The per-layer report of a config dict, config object, config.json file or checkpoint directory."""
+def inspect_config(
+    config_or_path: Mapping | PreTrainedConfig | str | os.PathLike, *, check_weights: bool = True
+) -> Report:
+    """The per-layer report of a config dict, config object, config.json file or checkpoint directory.
+
+    For a checkpoint directory with weights, `check_weights` also reads every stored tensor (one at
+    a time) and reports those holding NaN or Inf.
+    """
     source = None
     if isinstance(config_or_path, (str, os.PathLike)):
         source = os.fspath(config_or_path)
@@ -274,7 +288,22 @@ def inspect_config(config_or_path: Mapping | PreTrainedConfig | str | os.PathLik
         parent=_totals(parent_rows, other),
         source=source,
         layout=layout.name if layout else None,
+        nonfinite=_nonfinite(source, spec) if check_weights and source and os.path.isdir(source) else None,
     )
+
+
+def _nonfinite(path: str, spec: ModelSpec) -> dict[str, tuple[int, int]] | None:
+    from hetgraph.build import checkpoint_index
+
+    if not any(os.path.exists(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE)):
+        return None
+    index = checkpoint_index(path, read_config(path), spec)
+    found = {}
+    for name in index.shapes:
+        t = index.load(name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            found[name] = (int(torch.isnan(t).sum()), int(torch.isinf(t).sum()))
+    return found
 
 
 def _kv_dtype(config: PreTrainedConfig) -> torch.dtype:

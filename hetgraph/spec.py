@@ -170,6 +170,13 @@ class ModelSpec:
             _layer_spec(adapter, config, i, config.per_layer_config[i], hidden, overrides.get(i, {}))
             for i in range(config.num_hidden_layers)
         )
+        if not any(s.has_attention for s in layers):
+            # transformers' caches (and so `generate`) ask an attention layer for the past length;
+            # with none, they fail mid-generation.
+            raise HeteroConfigError(
+                f"no layer of the {len(layers)} has attention: at least one must; "
+                f"layers {[s.index for s in layers]} all remove or replace it (or are mamba layers)"
+            )
         return cls(adapter=adapter, hidden_size=hidden, vocab_size=_global(config, "vocab_size"), layers=layers)
 
 

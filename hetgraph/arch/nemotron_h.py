@@ -50,6 +50,11 @@ class _StackedIndex:
     stored_files: dict[str, str] = field(default_factory=dict)  # stored name -> file
     stacked: set[str] = field(default_factory=set)
 
+    @property
+    def stored(self) -> dict[str, str]:
+        """Model name -> the stored name of its (first) part, as `RenamedIndex.stored`."""
+        return {name: parts[0] for name, parts in self.parts.items()}
+
     def load(self, name: str) -> torch.Tensor:
         from hetgraph.checkpoint import TensorIndex  # checkpoint imports spec, which imports arch
 

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 
 import torch
 from safetensors import safe_open
@@ -55,8 +56,7 @@ def convert(
     src: str, dst: str, *, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True
 ) -> list[str]:
     """Write `src` (any layout hetgraph reads) to `dst` in the per_layer_config layout; returns the files written."""
-    from hetgraph import formats
-    from hetgraph.build import _expected_tensors, build_skeleton
+    from hetgraph.build import _expected_tensors, build_skeleton, checkpoint_index
 
     limit = parse_size(max_shard_size)
     if os.path.abspath(src) == os.path.abspath(dst):
@@ -64,24 +64,36 @@ def convert(
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise CheckpointError(f"{dst}: exists and is not an empty directory; convert never overwrites")
     config_dict = read_config(src)
-    model, _ = build_skeleton(config_dict)  # meta device: validates the config, gives names and shapes
-    index = formats.map_index(config_dict, TensorIndex.open(src))
+    model, spec = build_skeleton(config_dict)  # meta device: validates the config, gives names and shapes
+    index = checkpoint_index(src, config_dict, spec)
     check_tensors(_expected_tensors(model), index)
 
     names = [n for n in model.state_dict() if n in index.shapes]  # the model's own order
     dtypes = _stored_dtypes(index, names)
     shards = _plan_shards(names, {n: _nbytes(index.shapes[n], dtypes[n]) for n in names}, limit)
-    os.makedirs(dst, exist_ok=True)
-    written = _write_shards(index, shards, index.shapes, dtypes, dst, progress)
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(dst)
-    stock_guard.guard_saved_config(dst)
-    written.append(os.path.join(dst, "config.json"))
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if os.path.isfile(path) and not _NOT_COPIED.search(name):
-            shutil.copy2(path, os.path.join(dst, name))
-            written.append(os.path.join(dst, name))
+    # Everything is written under a temporary name beside `dst`, renamed at the end: an
+    # interrupted convert never leaves a destination that looks complete.
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(dst))}.partial-")
+    try:
+        written = _write_shards(index, shards, index.shapes, dtypes, work, progress)
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(work)
+        stock_guard.guard_saved_config(work)
+        written.append(os.path.join(work, "config.json"))
+        for name in sorted(os.listdir(src)):
+            path = os.path.join(src, name)
+            if os.path.isfile(path) and not _NOT_COPIED.search(name):
+                shutil.copy2(path, os.path.join(work, name))
+                written.append(os.path.join(work, name))
+        if os.path.isdir(dst):
+            os.rmdir(dst)  # checked empty above
+        os.rename(work, dst)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    written = [os.path.join(dst, os.path.relpath(w, work)) for w in written]
     return written
 
 

@@ -34,6 +34,13 @@ def _heads(draw, o: dict, heads: int, kv: int) -> None:
 
 
 @st.composite
+def _removed_block(draw, o: dict) -> None:
+    skip = draw(st.sampled_from([[], [], ["attention"], ["mlp"]]))
+    if skip:
+        o["skip"] = skip
+
+
+@st.composite
 def llama_family(draw) -> dict:
     """Llama, Mistral, Qwen2, Qwen3: widths, heads, head dims, removed and linear blocks, windows, chunks."""
     family = draw(st.sampled_from(["llama", "mistral", "qwen2", "qwen3"]))
@@ -81,9 +88,7 @@ def gpt_oss(draw) -> dict:
         draw(_heads(o, 4, 2))
         if draw(st.booleans()):
             o["sliding_window"] = draw(st.integers(2, 6))
-        skip = draw(st.sampled_from([[], [], ["attention"], ["mlp"]]))
-        if skip:
-            o["skip"] = skip
+        draw(_removed_block(o))
         if o:
             per_layer[i] = o
     return dict(model_type="gpt_oss", hidden_size=64, num_hidden_layers=layers, vocab_size=VOCAB,
@@ -113,9 +118,7 @@ def llama4(draw) -> dict:
         draw(_heads(o, 4, 2))
         if no_rope[i] and draw(st.booleans()):
             o["attention_chunk_size"] = draw(st.integers(2, 6))
-        skip = draw(st.sampled_from([[], [], ["attention"], ["mlp"]]))
-        if skip:
-            o["skip"] = skip
+        draw(_removed_block(o))
         if o:
             per_layer[i] = o
     return dict(model_type="llama4_text", hidden_size=64, num_hidden_layers=layers, vocab_size=VOCAB,

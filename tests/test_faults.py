@@ -42,6 +42,13 @@ def _copy(src: str, dst) -> str:
     return str(dst)
 
 
+def _stored(saved, tmp_path) -> tuple[str, str, dict]:
+    """A copy of the single-file checkpoint: (directory, its safetensors file, its tensors)."""
+    path = _copy(saved[1], tmp_path / "ckpt")
+    file = os.path.join(path, SINGLE_FILE)
+    return path, file, load_file(file)
+
+
 def _fails(path, match: str) -> None:
     with pytest.raises(CheckpointError, match=match):
         hetgraph.from_pretrained(path)
@@ -85,9 +92,7 @@ def test_stale_index_beside_a_single_file_is_an_error(saved, tmp_path):
 
 
 def test_header_that_lies_about_a_shape_is_an_error_naming_the_tensor(saved, tmp_path):
-    path = _copy(saved[1], tmp_path / "ckpt")
-    file = os.path.join(path, SINGLE_FILE)
-    tensors = load_file(file)
+    path, file, tensors = _stored(saved, tmp_path)
     name = "model.layers.1.mlp.up_proj.weight"
     tensors[name] = tensors[name].reshape(-1, 16)  # same bytes, another shape
     save_file(tensors, file, metadata={"format": "pt"})
@@ -128,9 +133,7 @@ def test_index_naming_a_file_that_does_not_exist(saved, tmp_path):
 
 
 def test_nan_and_inf_weights_load_as_stored_and_inspect_flags_them(saved, tmp_path):
-    path = _copy(saved[1], tmp_path / "ckpt")
-    file = os.path.join(path, SINGLE_FILE)
-    tensors = load_file(file)
+    path, file, tensors = _stored(saved, tmp_path)
     name = "model.layers.2.self_attn.q_proj.weight"
     tensors[name][0, :3] = float("nan")
     tensors[name][1, 0] = float("inf")

@@ -9,19 +9,20 @@ from hetgraph.backend import context_from_inputs
 from hetgraph.passes import PassContext
 
 
-def capture(model, *args, **kwargs) -> tuple[fx.GraphModule, list, PassContext]:
-    """The single graph of `model(*args, **kwargs)` (fullgraph), its example inputs, and its pass context."""
+def capture(model, *args, grad: bool = False, **kwargs) -> tuple[fx.GraphModule, list, PassContext]:
+    """The single graph of `model(*args, **kwargs)` (fullgraph), its example inputs, and its pass
+    context, as the backend sees them: for inference unless `grad` (then passes keep the backward exact)."""
     graphs = []
 
     def backend(gm, example_inputs):
-        graphs.append((gm, list(example_inputs)))
+        graphs.append((gm, list(example_inputs), context_from_inputs(gm, example_inputs)))
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
+    with torch.set_grad_enabled(grad):
+        torch.compile(model, backend=backend, fullgraph=True)(*args, **kwargs)
     assert len(graphs) == 1, f"expected one graph, got {len(graphs)}"
-    gm, inputs = graphs[0]
-    return gm, inputs, context_from_inputs(gm, inputs)
+    return graphs[0]
 
 
 def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:

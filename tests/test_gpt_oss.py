@@ -24,6 +24,7 @@ from family_checks import (
 )
 from hetgraph import HeteroConfigError
 from hetgraph.build import SkippedBlock, SkippedNorm
+from reference import per_layer_entries
 from reference_gpt_oss import load_reference
 
 VOCAB = 128
@@ -95,7 +96,7 @@ def test_structure(model, ckpt):
         assert shapes[p + "q_proj.weight"] == (heads * dim, 64)
         assert shapes[p + "k_proj.weight"] == (kv * dim, 64)
         assert shapes[p + "sinks"] == (heads,)
-    assert config["per_layer_config"]["0"] == {"num_local_experts": 3, "intermediate_size": 48, "skip": ["attention"]}
+    assert per_layer_entries(config)[0] == {"num_local_experts": 3, "intermediate_size": 48, "skip": ["attention"]}
 
 
 # ---- forward and generate against the reference -------------------------------------------------

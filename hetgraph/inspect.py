@@ -1,8 +1,9 @@
 """Per-layer report of a heterogeneous config: blocks, sizes, parameters and KV bytes per token.
 
 Works on the bare config (dict, transformers config object, config.json or a checkpoint directory):
-parameter counts are arithmetic on the LayerSpec table, so no weights are read and no tensor is
-allocated. Any format a later importer turns into a config (`hetgraph.build.normalize_config`)
+parameter counts are arithmetic on the LayerSpec table, so no tensor is allocated for them. For a
+checkpoint directory the stored tensors are then read one at a time (unless `check_weights=False`)
+to report those holding NaN or Inf. Any format a later importer turns into a config (`hetgraph.build.normalize_config`)
 is inspected the same way.
 """
 

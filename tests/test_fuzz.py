@@ -183,3 +183,19 @@ def test_a_model_without_any_attention_is_refused():
                   per_layer_config={0: {"skip": ["attention"]}, 1: {"linear": ["attention"]}})
     with pytest.raises(HeteroConfigError, match=r"no layer of the 2 has attention.*layers \[0, 1\]"):
         hetgraph.from_config(config)
+
+
+def test_convert_applies_nemotron_h_stored_layout(tmp_path):
+    """Drawn by the fuzzer: `convert` read NemotronH's `backbone.` names as unexpected tensors."""
+    config = dict(model_type="nemotron_h", hidden_size=64, vocab_size=VOCAB, layers_block_type=["moe", "full_attention"],
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=3, num_experts_per_tok=2,
+                  moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, mamba_num_heads=8, mamba_head_dim=8,
+                  ssm_state_size=16, n_groups=2, conv_kernel=4, per_layer_config={0: {"n_routed_experts": 4}})
+    torch.manual_seed(0)
+    model = hetgraph.from_config(config)
+    model.save_pretrained(tmp_path / "src")
+    convert(str(tmp_path / "src"), str(tmp_path / "dst"), progress=False)
+    ids, mask = _inputs(6, 2)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        assert torch.equal(hetgraph.from_pretrained(str(tmp_path / "dst"))(ids, attention_mask=mask).logits, want)

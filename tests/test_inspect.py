@@ -147,10 +147,15 @@ def test_llama3_70b_dims_without_allocating():
     assert report.ratio == {"parameters": 1.0, "kv_bytes_per_token": 1.0}
 
 
-def test_checkpoint_weights_are_never_read(tmp_path):
+def test_checkpoint_weights_are_read_only_when_checked(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hetero_config()))
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
-    assert inspect_config(tmp_path).totals.parameters == inspect_config(hetero_config()).totals.parameters
+    report = inspect_config(tmp_path, check_weights=False)
+    assert report.totals.parameters == inspect_config(hetero_config()).totals.parameters
+    assert report.nonfinite is None
+    # Checking the weights (the default) reads them, and a corrupt file is an error naming it.
+    with pytest.raises(hetgraph.checkpoint.CheckpointError, match=r"model\.safetensors: not a readable"):
+        inspect_config(tmp_path)
 
 
 def test_config_object_and_dict_agree():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import types
 from typing import Any, Mapping
 
@@ -196,13 +197,18 @@ def save_pretrained(model: PreTrainedModel, save_directory, *args, **kwargs) -> 
         stock_guard.guard_saved_config(save_directory)
 
 
+# The files transformers' `save_pretrained` writes a model's weights to; others (a PEFT adapter's
+# `adapter_model.safetensors`, say) are never touched.
+_MODEL_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
 def _weight_files(directory) -> dict[str, tuple[int, int]]:
-    """safetensors weights and their index in `directory`: path -> (inode, mtime)."""
+    """The model's safetensors weights and their index in `directory`: path -> (inode, mtime)."""
     if not os.path.isdir(directory):
         return {}
     found = {}
     for name in os.listdir(directory):
-        if name.endswith(".safetensors") or name.endswith(".safetensors.index.json"):
+        if _MODEL_WEIGHTS.fullmatch(name):
             st = os.stat(os.path.join(directory, name))
             found[os.path.join(directory, name)] = (st.st_ino, st.st_mtime_ns)
     return found

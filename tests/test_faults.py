@@ -175,6 +175,7 @@ def test_interrupted_convert_leaves_no_destination(saved, tmp_path, monkeypatch)
 
 def test_save_into_a_directory_holding_another_models_shards(saved, tmp_path):
     path = _copy(saved[2], tmp_path / "ckpt")  # another model's shards, sharded
+    (tmp_path / "ckpt" / "adapter_model.safetensors").write_bytes(b"not the model's")  # e.g. a PEFT adapter
     torch.manual_seed(1)
     other = hetgraph.from_config(dict(CONFIG, per_layer_config={2: {"skip": ["mlp"]}}))
     other.save_pretrained(path)
@@ -182,7 +183,8 @@ def test_save_into_a_directory_holding_another_models_shards(saved, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, other(IDS).logits)
     assert not os.path.exists(os.path.join(path, INDEX_FILE))
-    assert sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) == [SINGLE_FILE]
+    assert sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) == ["adapter_model.safetensors",
+                                                                                SINGLE_FILE]
 
 
 # ---- processes and models changed after building -----------------------------------------------------

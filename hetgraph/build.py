@@ -191,8 +191,9 @@ def save_pretrained(model: PreTrainedModel, save_directory, *args, **kwargs) -> 
     if kwargs.get("is_main_process", True):
         # transformers removes another save's shards, not its index or single file: a directory
         # must never hold two sets of weights.
+        after = _weight_files(save_directory)
         for path, stamp in before.items():
-            if _weight_files(save_directory).get(path) == stamp:
+            if after.get(path) == stamp:
                 os.remove(path)
         stock_guard.guard_saved_config(save_directory)
 

@@ -257,7 +257,7 @@ def inspect_config(
     source = None
     if isinstance(config_or_path, (str, os.PathLike)):
         source = os.fspath(config_or_path)
-        config_or_path = read_config(source)
+        config_or_path = config_dict = read_config(source)
         if not isinstance(config_or_path, Mapping):
             kind = type(config_or_path).__name__
             raise HeteroConfigError(f"{source}: a config must be a JSON object, got a JSON {kind}")
@@ -289,16 +289,16 @@ def inspect_config(
         parent=_totals(parent_rows, other),
         source=source,
         layout=layout.name if layout else None,
-        nonfinite=_nonfinite(source, spec) if check_weights and source and os.path.isdir(source) else None,
+        nonfinite=_nonfinite(source, config_dict, spec) if check_weights and source and os.path.isdir(source) else None,
     )
 
 
-def _nonfinite(path: str, spec: ModelSpec) -> dict[str, tuple[int, int]] | None:
+def _nonfinite(path: str, config_dict: Mapping, spec: ModelSpec) -> dict[str, tuple[int, int]] | None:
     from hetgraph.build import checkpoint_index
 
     if not any(os.path.exists(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE)):
         return None
-    index = checkpoint_index(path, read_config(path), spec)
+    index = checkpoint_index(path, config_dict, spec)
     found = {}
     for name in index.shapes:
         t = index.load(name)

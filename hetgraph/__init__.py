@@ -5,7 +5,8 @@ from hetgraph.build import from_config, from_pretrained
 from hetgraph.cache import make_cache
 from hetgraph.explain import explain
 from hetgraph.export import export, generate_with_exported
-from hetgraph.spec import HeteroConfigError, LayerSpec, ModelSpec
+from hetgraph.errors import HeteroConfigError
+from hetgraph.spec import LayerSpec, ModelSpec
 
 __all__ = [
     "from_config",

@@ -23,7 +23,8 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from hetgraph import attention, stock_guard
 from hetgraph.arch import FamilyAdapter
 from hetgraph.backend import tag_parameters
-from hetgraph.spec import FULL, LINEAR, NONE, SKIP, HeteroConfigError, ModelSpec, config_from_dict
+from hetgraph.errors import HeteroConfigError
+from hetgraph.spec import FULL, LINEAR, NONE, SKIP, ModelSpec, config_from_dict
 
 logger = logging.getLogger(__name__)
 

@@ -13,14 +13,10 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from hetgraph.spec import HeteroConfigError
+from hetgraph.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(HeteroConfigError):
-    """A checkpoint whose files or tensors do not match the model its config describes."""
 
 
 def read_config(path: str) -> dict:

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from hetgraph.spec import HeteroConfigError
+from hetgraph.errors import HeteroConfigError
 
 # Exit code for a bad config, checkpoint or command line (argparse uses 2 as well).
 EXIT_USAGE = 2

@@ -20,7 +20,8 @@ from transformers import PreTrainedConfig
 from hetgraph import formats
 from hetgraph.build import _parent_config, build_skeleton, normalize_config
 from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, read_config
-from hetgraph.spec import FULL, LINEAR, SKIP, HeteroConfigError, LayerSpec, ModelSpec
+from hetgraph.errors import HeteroConfigError
+from hetgraph.spec import FULL, LINEAR, SKIP, LayerSpec, ModelSpec
 
 
 @dataclass(frozen=True)

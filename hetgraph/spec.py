@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from transformers import CONFIG_MAPPING, PreTrainedConfig
 
 from hetgraph.arch import FamilyAdapter, adapter_for
+from hetgraph.errors import HeteroConfigError
 from hetgraph.stock_guard import strip_guard
 
 FULL, SKIP, LINEAR = "full", "skip", "linear"
@@ -34,10 +35,6 @@ _GLOBAL_ONLY = (
     "no_rope_layers",
     "moe_layers",
 )
-
-
-class HeteroConfigError(ValueError):
-    """An invalid heterogeneous configuration or checkpoint; the message says where and what is allowed."""
 
 
 @dataclass(frozen=True)

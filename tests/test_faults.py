@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import hetgraph
 from hetgraph.backend import SPEC_TAG, HetgraphBackend
-from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError
+from hetgraph.errors import CheckpointError
+from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE
 from hetgraph.formats import convert as convert_module
 from hetgraph.inspect import inspect_config
 

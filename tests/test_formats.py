@@ -25,7 +25,8 @@ from family_checks import read_config
 from hetgraph import HeteroConfigError, formats
 from hetgraph.backend import HetgraphBackend
 from hetgraph.build import model_spec
-from hetgraph.checkpoint import CheckpointError, TensorIndex
+from hetgraph.errors import CheckpointError
+from hetgraph.checkpoint import TensorIndex
 from hetgraph.cli import main as cli_main
 from hetgraph.formats.convert import convert
 from hetgraph.inspect import inspect_config

@@ -13,6 +13,8 @@ from typing import Any, Callable, Mapping
 
 import transformers
 
+from hetgraph.errors import HeteroConfigError
+
 
 @dataclass(frozen=True)
 class Block:
@@ -118,8 +120,6 @@ def supported_model_types() -> list[str]:
 
 def adapter_for(model_type: str) -> FamilyAdapter:
     """The adapter of a `model_type`; raises HeteroConfigError listing the supported ones."""
-    from hetgraph.spec import HeteroConfigError
-
     try:
         return _BY_MODEL_TYPE[model_type]
     except KeyError:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from hetgraph.checkpoint import TensorIndex
 from hetgraph.formats import llm_drop, nemotron_nas
-from hetgraph.spec import HeteroConfigError
+from hetgraph.errors import HeteroConfigError
 
 logger = logging.getLogger(__name__)
 

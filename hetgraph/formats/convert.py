@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 
 from hetgraph import stock_guard
-from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointError, TensorIndex, check_tensors, read_config
+from hetgraph.errors import CheckpointError
+from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, TensorIndex, check_tensors, read_config
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import re
 from typing import Any, Mapping
 
 from hetgraph.arch import adapter_for
-from hetgraph.spec import HeteroConfigError
+from hetgraph.errors import HeteroConfigError
 
 NAME = "llm-drop"
 LISTS = {"drop_attn_list": "attention", "drop_mlp_list": "mlp"}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping
 
-from hetgraph.spec import HeteroConfigError
+from hetgraph.errors import HeteroConfigError
 
 NAME = "nemotron-nas"
 MODEL_TYPE = "nemotron-nas"

@@ -4,10 +4,10 @@
     torch.compile(model, backend="hetgraph", mode="max-autotune")  # the entry point, without it
     torch.compile(model, backend="hetgraph", options={"passes": ["attribute_nodes"]})
 
-The passes get the model's LayerSpec table from the graph's inputs: hetgraph tags each parameter
-of a model it built with the table and its layer index. A model hetgraph did not build compiles
-as with Inductor (the passes find nothing to do). A pass that fails leaves the graph as dynamo
-produced it, with a log line saying so (or raises, with `options={"strict": True}`).
+The passes get the model's LayerSpec table from the graph's inputs (`hetgraph.contract`). A model
+hetgraph did not build compiles as with Inductor (no pass runs). A pass that fails leaves the
+graph as dynamo produced it, with a warning naming the pass (or raises, with
+`options={"strict": True}`).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from typing import Any, Mapping
 import torch
 import torch.fx as fx
 
-from hetgraph.passes import PASSES, PassContext, PassRecord, run_passes
+from hetgraph.contract import context_from_inputs
+from hetgraph.errors import PassError
+from hetgraph.passes import DYNAMO, PASSES, PassRecord, run_passes
 from hetgraph.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "hetgraph"
-SPEC_TAG = "_hetgraph_spec"  # attribute on each parameter of a hetgraph-built model
-LAYER_TAG = "_hetgraph_layer"  # attribute on each parameter of a decoder layer
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -82,21 +82,6 @@ def inductor_patches(mode: str | None, options: BackendOptions) -> dict[str, Any
     return patches
 
 
-def context_from_inputs(gm: fx.GraphModule, example_inputs) -> PassContext:
-    """The LayerSpec table and parameter layers, read from the tags on the graph's inputs."""
-    spec: ModelSpec | None = None
-    input_layers = {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, example in zip(placeholders, example_inputs):
-        spec = spec or getattr(example, SPEC_TAG, None)
-        layer = getattr(example, LAYER_TAG, None)
-        if layer is not None:
-            input_layers[node.name] = layer
-    # What AOT autograd itself checks to decide whether to build a joint forward-backward graph.
-    needs_grad = torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in example_inputs)
-    return PassContext(spec=spec, input_layers=input_layers, needs_grad=needs_grad)
-
-
 @dataclass
 class GraphReport:
     """What the passes did to one graph dynamo handed the backend."""
@@ -119,16 +104,15 @@ class HetgraphBackend:
         from torch._inductor.compile_fx import compile_fx
 
         ctx = context_from_inputs(gm, example_inputs)
-        passes = [p for p in PASSES if p.__name__ in self.options.passes]
         work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         try:
-            work, records = run_passes(work, ctx, passes)
+            work, records = run_passes(work, ctx, graph=DYNAMO, names=self.options.passes)
             report = GraphReport(ctx.spec, records, work)
-        except Exception as e:
+        except PassError as e:
             if self.options.strict:
                 raise
-            reason = f"{type(e).__name__}: {_first_line(e)}"
-            logger.warning("hetgraph: a pass failed (%s); compiling the graph unchanged", reason)
+            reason = str(e)
+            logger.warning("hetgraph: %s; compiling the graph unchanged", reason)
             work, report = gm, GraphReport(ctx.spec, [], gm, fallback=reason)
         self.reports.append(report)
         for record in report.records:
@@ -166,11 +150,3 @@ def register() -> None:
     if BACKEND_NAME not in list_backends(exclude_tags=()):
         register_backend(compiler_fn=hetgraph_backend, name=BACKEND_NAME)
 
-
-def tag_parameters(model: torch.nn.Module, spec: ModelSpec, layers) -> None:
-    """Let the backend find the LayerSpec table (and each layer) from the graph's inputs."""
-    for param in model.parameters():
-        setattr(param, SPEC_TAG, spec)
-    for i, layer in enumerate(layers):
-        for param in layer.parameters():
-            setattr(param, LAYER_TAG, i)

@@ -22,14 +22,11 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from hetgraph import attention, stock_guard
 from hetgraph.arch import FamilyAdapter
-from hetgraph.backend import tag_parameters
+from hetgraph.contract import attach, model_spec
 from hetgraph.errors import HeteroConfigError
 from hetgraph.spec import FULL, LINEAR, NONE, SKIP, ModelSpec, config_from_dict
 
 logger = logging.getLogger(__name__)
-
-SPEC_ATTR = "hetgraph_spec"
-
 
 class SkippedBlock(nn.Module):
     """A removed attention or MLP block: no parameters, no cache; adds exactly zero to the residual."""
@@ -168,15 +165,7 @@ def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementatio
     # `generate` looks this up on the model; hetgraph builds masks inside the forward instead.
     model.create_masks_for_generate = attention.create_masks_for_generate
     model.save_pretrained = types.MethodType(save_pretrained, model)
-    setattr(model, SPEC_ATTR, spec)
-    tag_parameters(model, spec, base.layers)
-    # `load_state_dict(assign=True)` replaces the parameters, and with them the tags the backend reads.
-    model.register_load_state_dict_post_hook(_retag_parameters)
-
-
-def _retag_parameters(model: PreTrainedModel, _incompatible_keys) -> None:
-    spec = model_spec(model)
-    tag_parameters(model, spec, getattr(model, spec.adapter.base_model_attr).layers)
+    attach(model, spec)
 
 
 def save_pretrained(model: PreTrainedModel, save_directory, *args, **kwargs) -> None:
@@ -260,15 +249,6 @@ def _forward_config(adapter: FamilyAdapter, config) -> PreTrainedConfig:
         setattr(view, name, None)
     view.per_layer_config = {i: o for i, o in overrides.items() if o}
     return view
-
-
-def model_spec(model: nn.Module) -> ModelSpec:
-    spec = getattr(model, SPEC_ATTR, None)
-    if spec is None:
-        raise TypeError(
-            f"{type(model).__name__} was not built by hetgraph (hetgraph.from_config / hetgraph.from_pretrained)"
-        )
-    return spec
 
 
 def _canonical_overrides(config) -> None:

@@ -16,7 +16,10 @@ class Explanation:
     def to_text(self) -> str:
         out = []
         for g, graph in enumerate(self.graphs):
-            out.append(f"graph {g}: " + ("hetgraph model" if graph.spec else "model not built by hetgraph"))
+            if graph.spec is None:
+                out.append(f"graph {g}: model not built by hetgraph: no pass ran, compiled as with Inductor")
+                continue
+            out.append(f"graph {g}: hetgraph model")
             if graph.fallback:
                 out.append(f"  compiled unchanged: {graph.fallback}")
                 continue
@@ -25,8 +28,8 @@ class Explanation:
                 for layer, reason in sorted(record.refused.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0)):
                     where = "graph" if layer is None else f"layer {layer}"
                     out.append(f"  refused by {record.name} ({where}): {reason}")
-                if None in record.report and record.name != "attribute_nodes":
-                    out.append(f"  {record.name}: {record.report[None]}")
+                summary = f": {record.report[None]}" if None in record.report else ""
+                out.append(f"  {record.name} ({record.seconds * 1e3:.1f} ms){summary}")
         return "\n".join(out)
 
     __str__ = to_text

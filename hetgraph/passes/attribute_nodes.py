@@ -12,14 +12,13 @@ from collections import Counter
 
 import torch.fx as fx
 
-from hetgraph.arch import adapter_for
 from hetgraph.passes._graph import TAG, NodeTag, compute_nodes, layer_index_from_path
-from hetgraph.passes._types import PassContext, PassResult
+from hetgraph.passes._types import DYNAMO, EXPORT, PassContext, PassResult, applies_to
 
 
 def _block_attrs(ctx: PassContext) -> dict[str, str]:
     """Decoder-layer attribute name -> block name, e.g. "input_layernorm" -> "attention"."""
-    adapter = ctx.spec.adapter if ctx.spec is not None else adapter_for("llama")
+    adapter = ctx.spec.adapter
     mapping = {}
     for block in adapter.blocks:
         mapping[block.module] = block.name
@@ -62,6 +61,7 @@ def _single_layer(gm: fx.GraphModule, ctx: PassContext) -> int | None:
     return layers.pop() if len(layers) == 1 else None
 
 
+@applies_to(DYNAMO, EXPORT)
 def attribute_nodes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     block_attrs = _block_attrs(ctx)
     default_layer = _single_layer(gm, ctx)
@@ -74,10 +74,8 @@ def attribute_nodes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for layer in sorted({k[0] for k in counts if k[0] is not None}):
         parts = [f"{block or 'glue'}={counts[(layer, block)]}" for (l, block) in counts if l == layer]
         report[layer] = "ops " + " ".join(sorted(parts))
-        if ctx.spec is not None and layer >= len(ctx.spec):
+        if layer >= len(ctx.spec):
             refused[layer] = f"layer {layer} is not in the LayerSpec table ({len(ctx.spec)} layers)"
     report[None] = f"ops outside layers={counts[(None, None)]}"
-    if ctx.spec is None:
-        refused[None] = "model not built by hetgraph: no LayerSpec table, nothing to specialize"
     # Tags live in node.meta only: the graph's code is unchanged.
     return PassResult(gm, changed=False, report=report, refused=refused)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch.fx as fx
 
 from hetgraph.passes._graph import ADD, ZEROS_LIKE, finish, is_op, is_view, ops_per_layer, same_tensor_type, tag
-from hetgraph.passes._types import PassContext, PassResult
+from hetgraph.passes._types import DYNAMO, EXPORT, PassContext, PassResult, applies_to
 from hetgraph.spec import SKIP
 
 
 def _removed(ctx: PassContext, layer: int | None, block: str | None) -> bool:
-    if ctx.spec is None or layer is None or block is None or layer >= len(ctx.spec):
+    if layer is None or block is None or layer >= len(ctx.spec):
         return False
     return getattr(ctx.spec[layer], block) == SKIP
 
@@ -42,6 +42,7 @@ def _zero_views(zeros: fx.Node) -> list[fx.Node]:
     return chain
 
 
+@applies_to(DYNAMO, EXPORT)
 def eliminate_skipped_blocks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     before = ops_per_layer(gm)
     report, refused = {}, {}

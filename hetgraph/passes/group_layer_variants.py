@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from hetgraph.passes._graph import TAG, NodeTag, compute_nodes, finish, layer_of, value
-from hetgraph.passes._types import PassContext, PassResult
+from hetgraph.passes._types import DYNAMO, PassContext, PassResult, applies_to
 
 INVOKE = torch.ops.higher_order.invoke_subgraph
 PREFIX = "hetgraph_variant_"
@@ -100,10 +100,10 @@ def _dims(sizes) -> tuple[str, ...]:
     return tuple(str(d) for d in sizes)
 
 
+# Not on exported graphs: the shared submodules are not part of an ExportedProgram's signature.
+@applies_to(DYNAMO)
 def group_layer_variants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     report, refused = {}, {}
-    if ctx.spec is None:
-        return PassResult(gm, changed=False)
     if ctx.needs_grad:
         return PassResult(gm, changed=False, refused={None: GRAD_REFUSAL})
     by_layer: dict[int, list[fx.Node]] = defaultdict(list)

@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch.fx as fx
 
 from hetgraph.passes._graph import SDPA, finish, is_op, layer_of
-from hetgraph.passes._types import PassContext, PassResult
+from hetgraph.passes._types import DYNAMO, EXPORT, PassContext, PassResult, applies_to
 
 
 def mask_input(node: fx.Node) -> fx.Node | None:
@@ -40,6 +40,7 @@ def _signature(node, memo: dict) -> object:
     return sig
 
 
+@applies_to(DYNAMO, EXPORT)
 def select_window_masks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     attention_ops = [n for n in gm.graph.nodes if is_op(n, SDPA) and layer_of(n) is not None]
     report, refused = {}, {}
@@ -70,15 +71,14 @@ def select_window_masks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             report[layer] = name
     report[None] = f"{len(names)} mask computation(s) for {len(attention_ops)} attention op(s)"
 
-    if ctx.spec is not None:
-        for mask, layers in readers.items():
-            windows = {ctx.spec[i].window for i in layers if i < len(ctx.spec)}
-            if mask is not None and len(windows) > 1:
-                refused[None] = f"layers {layers} read one mask but have windows {sorted(map(str, windows))}"
-        expected = {ctx.spec[layer_of(op)].window for op in attention_ops if layer_of(op) < len(ctx.spec)}
-        if len(names) > len(expected):
-            refused[None] = (
-                f"{len(names)} distinct masks for {len(expected)} distinct windows: some could not be proven "
-                "identical and were kept"
-            )
+    for mask, layers in readers.items():
+        windows = {ctx.spec[i].window for i in layers if i < len(ctx.spec)}
+        if mask is not None and len(windows) > 1:
+            refused[None] = f"layers {layers} read one mask but have windows {sorted(map(str, windows))}"
+    expected = {ctx.spec[layer_of(op)].window for op in attention_ops if layer_of(op) < len(ctx.spec)}
+    if len(names) > len(expected):
+        refused[None] = (
+            f"{len(names)} distinct masks for {len(expected)} distinct windows: some could not be proven "
+            "identical and were kept"
+        )
     return PassResult(gm, changed=changed, report=report, refused=refused)

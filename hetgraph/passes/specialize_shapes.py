@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 
 from hetgraph.passes._graph import LINEAR, SDPA, is_op, is_view, tag, value
-from hetgraph.passes._types import PassContext, PassResult
+from hetgraph.passes._types import DYNAMO, EXPORT, PassContext, PassResult, applies_to
 from hetgraph.spec import FULL
 
 # Linear modules of a layer, and which spec sizes their weight must have: name -> (dim, size fn).
@@ -78,10 +78,9 @@ def _repropagate(gm: fx.GraphModule) -> str | None:
     return None if after == before else f"output shapes changed from {before} to {after}"
 
 
+@applies_to(DYNAMO, EXPORT)
 def specialize_shapes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     report, refused = {}, {}
-    if ctx.spec is None:
-        return PassResult(gm, changed=False)
     checked: dict[int, int] = {}
     rewrites: list[tuple[fx.Node, str, object, object]] = []  # node, what, old, new
 

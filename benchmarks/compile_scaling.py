@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 from tqdm import tqdm
 
-from hetgraph.bench import _table, memory_bandwidth_gbs, run_preset
+from hetgraph.bench import memory_bandwidth_gbs, run_preset
+from hetgraph.bench.output import preset_table
 
 
 def main(argv=None) -> int:
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
           f"Command: `python benchmarks/compile_scaling.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
           "Compile s = first prefill call + first decode call (both graphs), medians of "
           f"{args.repeats} interleaved fresh processes per engine. Ratios are hetgraph / Inductor.", "",
-          *rows, "", *(_table(r, bandwidth) for r in results)]
+          *rows, "", *(preset_table(r, bandwidth) for r in results)]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(md))
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -4,8 +4,9 @@ from hetgraph.backend import BackendOptions, register as _register_backend
 from hetgraph.build import from_config, from_pretrained
 from hetgraph.cache import make_cache
 from hetgraph.explain import explain
-from hetgraph.export import export, generate_with_exported
+from hetgraph import export  # the module, callable: hetgraph.export(model, path) and hetgraph.export.read_metadata
 from hetgraph.errors import HeteroConfigError
+from hetgraph.runtime import generate_with_exported
 from hetgraph.spec import LayerSpec, ModelSpec
 
 __all__ = [

@@ -22,11 +22,15 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from hetgraph import attention, stock_guard
 from hetgraph.arch import FamilyAdapter
+from hetgraph.checkpoint import check_tensors
+from hetgraph.configs import normalize_config
 from hetgraph.contract import attach, model_spec
 from hetgraph.errors import HeteroConfigError
-from hetgraph.spec import FULL, LINEAR, NONE, SKIP, ModelSpec, config_from_dict
+from hetgraph.loading import open_checkpoint
+from hetgraph.spec import FULL, LINEAR, NONE, SKIP, ModelSpec
 
 logger = logging.getLogger(__name__)
+
 
 class SkippedBlock(nn.Module):
     """A removed attention or MLP block: no parameters, no cache; adds exactly zero to the residual."""
@@ -81,15 +85,7 @@ class LinearBlock(nn.Module):
         return (out, None) if self.returns_tuple else out
 
 
-def normalize_config(config: PreTrainedConfig | Mapping[str, Any]) -> PreTrainedConfig:
-    if isinstance(config, PreTrainedConfig):
-        return config
-    if isinstance(config, Mapping):
-        return config_from_dict(config)
-    raise TypeError(f"config must be a transformers config or a config.json-style dict, got {type(config).__name__}")
-
-
-def _parent_config(config: PreTrainedConfig) -> PreTrainedConfig:
+def parent_config(config: PreTrainedConfig) -> PreTrainedConfig:
     """The homogeneous parent: the global values, no per-layer overrides."""
     parent = copy.deepcopy(config)
     parent.per_layer_config = None
@@ -119,7 +115,7 @@ def _build_layer(
     if whole is not None:
         block_type = config._getattr_without_heterogeneous_validation(adapter.mixer_list)[i]
         return SkippedLayer(s.mixer_type or whole.name, block_type)
-    layer = adapter.decoder_layer_class(_config_for_kept_blocks(lc, s), i)
+    layer = adapter.decoder_layer_class(_config_for_kept_blocks(adapter, lc, s), i)
     for block in adapter.blocks:
         kind = getattr(s, block.name)
         if kind == SKIP:
@@ -134,15 +130,14 @@ def _build_layer(
     return layer
 
 
-def _config_for_kept_blocks(lc, s):
+def _config_for_kept_blocks(adapter: FamilyAdapter, lc, s):
     """The stock layer constructor sizes every block: give a block that will be replaced size 1."""
     if s.attention in (FULL, NONE) and s.mlp in (FULL, NONE):
         return lc
     cfg = copy.copy(lc)
     if s.mlp not in (FULL, NONE):
-        cfg.intermediate_size = 1
-        if hasattr(cfg, "intermediate_size_mlp"):  # Llama4's dense MLP width
-            cfg.intermediate_size_mlp = 1
+        for width in {adapter.mlp_width, adapter.moe_width} - {None}:
+            setattr(cfg, width, 1)
     if s.attention not in (FULL, NONE):
         cfg.num_attention_heads = cfg.num_key_value_heads = cfg.head_dim = 1
     return cfg
@@ -212,7 +207,7 @@ def _global_head_dim(config) -> int:
 
 
 def _config_with_head_dim(config, head_dim: int):
-    cfg = _parent_config(config)
+    cfg = parent_config(config)
     cfg.head_dim = head_dim
     return cfg
 
@@ -280,7 +275,7 @@ def build_skeleton(config, attn_implementation: str | None = None) -> tuple[PreT
     _canonical_overrides(config)
     config._attn_implementation = attn_implementation
     with torch.device("meta"):
-        model = adapter.causal_lm_class(_parent_config(config))
+        model = adapter.causal_lm_class(parent_config(config))
         # The stock constructor resolved the experts implementation on the parent; layers need it too.
         experts = getattr(model.config, "_experts_implementation", None)
         if experts is not None:
@@ -301,9 +296,8 @@ def materialize(model, spec, *, device, dtype) -> None:
         for name, param in list(module.named_parameters(recurse=False)):
             if param.dtype != dtype:
                 setattr(module, name, nn.Parameter(param.data.to(dtype), requires_grad=param.requires_grad))
-    for module in model.modules():
-        if "RotaryEmbedding" in type(module).__name__:
-            model._init_weights(module)
+    if spec.adapter.rotary is not None:  # its inverse frequencies are buffers: computed, not loaded
+        model._init_weights(getattr(getattr(model, spec.adapter.base_model_attr), spec.adapter.rotary))
 
 
 def from_config(config, *, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None):
@@ -323,21 +317,10 @@ def from_config(config, *, dtype: torch.dtype | None = None, device=None, attn_i
     return model
 
 
-def _expected_tensors(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
+def expected_tensors(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
     """Names and shapes a checkpoint must hold: the state dict, less weights tied to another."""
     tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
     return {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
-
-
-def checkpoint_index(path: str, config_dict: Mapping[str, Any], spec: ModelSpec):
-    """The checkpoint's tensors under the model's names: the layout's map (e.g. LLM-Drop's leftover
-    tensors dropped), then the family's stored layout (NemotronH: `backbone.`, one tensor per expert)."""
-    from hetgraph import checkpoint, formats
-
-    index = formats.map_index(config_dict, checkpoint.TensorIndex.open(path))
-    if spec.adapter.checkpoint_index is not None:
-        index = spec.adapter.checkpoint_index(index)
-    return index
 
 
 def _config_dtype(config) -> torch.dtype:
@@ -354,12 +337,10 @@ def from_pretrained(
 
     No hub access, no pickle, no remote code. Every tensor is checked before storage is allocated.
     """
-    from hetgraph import checkpoint
-
-    config_dict = checkpoint.read_config(path)
-    model, spec = build_skeleton(config_dict, attn_implementation)
-    index = checkpoint_index(path, config_dict, spec)
-    checkpoint.check_tensors(_expected_tensors(model), index)
+    ckpt = open_checkpoint(path)
+    model, spec = build_skeleton(ckpt.config, attn_implementation)
+    index = ckpt.index
+    check_tensors(expected_tensors(model), index)
     dtype = dtype or _config_dtype(model.config)
     materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype)
     params = dict(model.state_dict(keep_vars=True))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DummyLayer, LinearAttentionLayer, StaticLayer
 
+from hetgraph.contract import model_spec
 from hetgraph.spec import ModelSpec
 
 
@@ -94,8 +95,6 @@ def ideal_kv_bytes(spec: ModelSpec, batch_size: int, max_cache_len: int, dtype: 
 
 def make_cache(model, *, batch_size: int, max_cache_len: int, dtype: torch.dtype | None = None) -> HeteroCache:
     """A static cache for a hetgraph-built model, allocated now at its final size and address."""
-    from hetgraph.build import model_spec
-
     spec = model_spec(model)
     if batch_size <= 0 or max_cache_len <= 0:
         raise ValueError(f"make_cache: batch_size={batch_size} and max_cache_len={max_cache_len} must be positive")

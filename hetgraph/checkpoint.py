@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -26,17 +28,40 @@ def read_config(path: str) -> dict:
         raise CheckpointError(f"{file}: no such file; a checkpoint directory needs a config.json")
     try:
         with open(file) as f:
-            return json.load(f)
+            config = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: a config must be a JSON object, got a JSON {type(config).__name__}")
+    return config
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One tensor as a file holds it."""
+
+    file: str
+    name: str
 
 
 @dataclass
 class TensorIndex:
-    """Where each tensor of a checkpoint lives, and its stored shape."""
+    """A checkpoint's tensors under some naming, with their shapes; nothing is read until `load`.
 
-    files: dict[str, str]  # tensor name -> file path
+    `open` indexes a directory under the stored names. A name plan (`rename`: the format's and the
+    family's renames, tensors a loader ignores dropped) and `stack` (a family that stores one
+    tensor per expert where the model holds them stacked) give new indexes over the same files;
+    each entry remembers the stored tensor(s) it reads.
+    """
+
+    entries: dict[str, tuple[Stored, ...]]  # name -> the stored tensor(s) it reads
     shapes: dict[str, tuple[int, ...]]
+    stacked: frozenset[str] = frozenset()  # names whose parts are stacked on a new dim 0
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Name -> the file holding it (its first part)."""
+        return {name: parts[0].file for name, parts in self.entries.items()}
 
     @classmethod
     def open(cls, directory: str) -> "TensorIndex":
@@ -62,23 +87,63 @@ class TensorIndex:
             raise CheckpointError(
                 f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}; hetgraph loads safetensors only (no pickle)"
             )
-        files, shapes = {}, {}
+        entries, shapes = {}, {}
         for shard in shard_names:
             shard_path = os.path.join(directory, shard)
             for name, shape in _read_header(shard_path).items():
-                if name in files:
-                    raise CheckpointError(f"{shard_path}: tensor {name!r} is also stored in {files[name]}")
-                files[name], shapes[name] = shard_path, shape
-        return cls(files, shapes)
+                if name in entries:
+                    raise CheckpointError(f"{shard_path}: tensor {name!r} is also stored in {entries[name][0].file}")
+                entries[name], shapes[name] = (Stored(shard_path, name),), shape
+        return cls(entries, shapes)
+
+    def rename(self, new_name: Callable[[str], str | None]) -> "TensorIndex":
+        """The index under `new_name(name)`; a tensor it maps to None is left out."""
+        entries, shapes, source, stacked = {}, {}, {}, set()
+        for name, parts in self.entries.items():
+            target = new_name(name)
+            if target is None:
+                continue
+            if target in entries:
+                raise CheckpointError(f"stored tensors {source[target]!r} and {name!r} both map to {target!r}")
+            entries[target], shapes[target], source[target] = parts, self.shapes[name], name
+            if name in self.stacked:
+                stacked.add(target)
+        return TensorIndex(entries, shapes, frozenset(stacked))
+
+    def stack(self, pattern: re.Pattern, target: str) -> "TensorIndex":
+        """Tensors whose names match `pattern` (groups `index`, and those `target` formats with) as one
+        tensor per target name, stacked by `index`. Only parts numbered 0..N-1 of one shape are
+        stacked; others keep their names (and the strict check then reports them)."""
+        groups: dict[str, dict[int, str]] = {}
+        for name in self.entries:
+            m = pattern.fullmatch(name)
+            if m:
+                groups.setdefault(target.format(**m.groupdict()), {})[int(m["index"])] = name
+        entries, shapes, stacked_names = dict(self.entries), dict(self.shapes), set(self.stacked)
+        for stacked, by_index in groups.items():
+            ordered = [by_index[k] for k in sorted(by_index)]
+            if sorted(by_index) != list(range(len(ordered))) or len({self.shapes[n] for n in ordered}) != 1:
+                continue
+            if stacked in entries:
+                raise CheckpointError(f"stored tensor {stacked!r} is also stored as the parts {ordered[:2]}...")
+            for n in ordered:
+                del entries[n], shapes[n]
+            entries[stacked] = tuple(part for n in ordered for part in self.entries[n])
+            shapes[stacked] = (len(ordered), *self.shapes[ordered[0]])
+            stacked_names.add(stacked)
+        return TensorIndex(entries, shapes, frozenset(stacked_names))
 
     def load(self, name: str) -> torch.Tensor:
-        path = self.files[name]
-        try:
-            with safe_open(path, framework="pt") as f:
-                return f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types for bad data
-            raise CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from e
+        parts = [_load(stored) for stored in self.entries[name]]
+        return torch.stack(parts) if name in self.stacked else parts[0]
 
+
+def _load(stored: Stored) -> torch.Tensor:
+    try:
+        with safe_open(stored.file, framework="pt") as f:
+            return f.get_tensor(stored.name)
+    except Exception as e:  # safetensors raises its own error types for bad data
+        raise CheckpointError(f"{stored.file}: cannot read tensor {stored.name!r}: {e}") from e
 
 def _read_header(path: str) -> dict[str, tuple[int, ...]]:
     if not os.path.exists(path):

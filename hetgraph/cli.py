@@ -33,7 +33,7 @@ class Command:
 
 def inspect(args: argparse.Namespace) -> int:
     """Per-layer table of a config: blocks, sizes, parameters and KV bytes per token against the homogeneous parent."""
-    from hetgraph.inspect import inspect_config
+    from hetgraph.inspection import inspect_config
 
     report = inspect_config(args.path, check_weights=not args.no_check_weights)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_text())
@@ -76,7 +76,7 @@ def export(args: argparse.Namespace) -> int:
 
     from hetgraph.build import from_pretrained
     from hetgraph.export import export as export_model
-    from hetgraph.export import read_metadata
+    from hetgraph.runtime import read_metadata
 
     model = from_pretrained(args.src)
     input_ids = torch.zeros((args.batch_size, args.prompt_len), dtype=torch.long)
@@ -106,8 +106,10 @@ def show_graph(args: argparse.Namespace) -> int:
     """Per-layer listing of a checkpoint's specialized prefill graph: each layer's spec and its ops by count."""
     import torch
 
-    from hetgraph.build import from_pretrained, model_spec
-    from hetgraph.export import describe_graph, prefill_program
+    from hetgraph.build import from_pretrained
+    from hetgraph.contract import model_spec
+    from hetgraph.export.listing import describe_graph
+    from hetgraph.export.trace import prefill_program
 
     model = from_pretrained(args.src)
     ep, _ = prefill_program(model, input_ids=torch.zeros((1, args.prompt_len), dtype=torch.long))
@@ -158,7 +160,8 @@ COMMANDS: tuple[Command, ...] = (
         export,
         (
             _arg("src", help="checkpoint directory (config.json + safetensors)"),
-            _arg("--out", required=True, help="directory for prefill.pt2 (and decode.pt2, *.aoti.pt2)"),
+            _arg("--out", required=True,
+                 help="directory for prefill.pt2 (and decode.pt2, *.aoti.pt2), or a FILE.pt2 for the prefill program alone"),
             _arg("--decode", action="store_true", help="also a decode step with the KV cache as explicit state"),
             _arg("--package", action="store_true", help="also compile each program into an AOTInductor package"),
             _arg("--batch-size", type=int, default=1, help="batch the programs serve (default 1)"),

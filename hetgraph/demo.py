@@ -66,7 +66,7 @@ def run(prompt_len: int = 64, new_tokens: int = 32, repeats: int = 5) -> None:
     model = hetgraph.from_config(DEMO_CONFIG)
     prompt = torch.randint(0, DEMO_CONFIG["vocab_size"], (1, prompt_len))
     print("1. The model (stock LlamaForCausalLM, built layer by layer):\n")
-    from hetgraph.inspect import inspect_config
+    from hetgraph.inspection import inspect_config
 
     print(inspect_config(model.config).to_text(), "\n")
 

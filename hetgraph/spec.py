@@ -1,40 +1,25 @@
 """The LayerSpec table: one frozen, validated description per decoder layer.
 
 Everything downstream (build, caches, masks, passes, inspect) reads this table instead of the
-config. Every validation error is a `HeteroConfigError` naming the layer, the attribute, the value
-and what is allowed.
+config: `ModelSpec.from_config` builds it from a transformers config object (reading config.json
+dicts into one is `hetgraph.configs`). Every validation error is a `HeteroConfigError` naming the
+layer, the attribute, the value and what is allowed.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from transformers import CONFIG_MAPPING, PreTrainedConfig
+from transformers import PreTrainedConfig
 
 from hetgraph.arch import FamilyAdapter, adapter_for
 from hetgraph.errors import HeteroConfigError
-from hetgraph.stock_guard import strip_guard
+from hetgraph.overrides import layer_where, positive, validate_overrides
 
 FULL, SKIP, LINEAR = "full", "skip", "linear"
 NONE = "none"  # the layer has no such block by construction (a NemotronH mamba block has no MLP)
 BLOCK_KINDS = (FULL, SKIP, LINEAR)
-# Per-layer keys that name blocks rather than attributes.
-BLOCK_LIST_KEYS = ("skip", "linear")
-# A residual stream has one width and one vocabulary: these can never vary per layer.
-# Nor can the per-model lists that say what each layer is (they are indexed by layer already).
-_GLOBAL_ONLY = (
-    "hidden_size",
-    "vocab_size",
-    "num_hidden_layers",
-    "rope_parameters",
-    "tie_word_embeddings",
-    "layer_types",
-    "layers_block_type",
-    "no_rope_layers",
-    "moe_layers",
-)
 
 
 @dataclass(frozen=True)
@@ -68,6 +53,15 @@ class LayerSpec:
         if self.mixer_type is None:
             return NONE
         return next(k for k in (self.attention, self.mlp, self.mamba) if k != NONE)
+
+    @property
+    def query_size(self) -> int | None:
+        """Width of the query (and attention output) projection: heads x head_dim."""
+        return self.num_attention_heads * self.head_dim if self.has_attention else None
+
+    @property
+    def key_value_size(self) -> int | None:
+        return self.num_key_value_heads * self.head_dim if self.has_attention else None
 
     @property
     def uses_rope(self) -> bool:
@@ -161,7 +155,7 @@ class ModelSpec:
         adapter = adapter_for(config.model_type)
         overrides = {}
         if config.is_heterogeneous:
-            overrides = _validate_overrides(adapter, config, config._heterogeneity_spec.per_layer_overrides)
+            overrides = validate_overrides(adapter, config, config._heterogeneity_spec.per_layer_overrides)
         hidden = _global(config, "hidden_size")
         layers = tuple(
             _layer_spec(adapter, config, i, config.per_layer_config[i], hidden, overrides.get(i, {}))
@@ -184,20 +178,7 @@ def _global(config: PreTrainedConfig, name: str) -> int:
     return value
 
 
-def _layer_where(i: int, attr: str, value: Any) -> str:
-    return f"layer {i}: {attr}={value!r}"
-
-
-def _positive(i: int, attr: str, value: Any, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        allowed = "a positive integer or None" if optional else "a positive integer"
-        raise HeteroConfigError(f"{_layer_where(i, attr, value)} is invalid; allowed: {allowed}")
-    return value
-
-
-def _global_list(config: PreTrainedConfig, name: str) -> list:
+def global_list(config: PreTrainedConfig, name: str) -> list:
     return list(config._getattr_without_heterogeneous_validation(name, None) or [])
 
 
@@ -205,7 +186,7 @@ def _mixer(adapter: FamilyAdapter, config: PreTrainedConfig, i: int) -> tuple[st
     """(mixer type, skip alias) of layer i of a single-mixer family; None for two-block families."""
     if adapter.mixer_list is None:
         return None
-    block_type = _global_list(config, adapter.mixer_list)[i]
+    block_type = global_list(config, adapter.mixer_list)[i]
     if block_type not in adapter.mixer_types:
         raise HeteroConfigError(
             f"layer {i}: {adapter.mixer_list}[{i}]={block_type!r} is not a known block type; "
@@ -250,11 +231,11 @@ def _window(adapter: FamilyAdapter, config: PreTrainedConfig, i: int, lc: PreTra
     supported = adapter.per_layer_attributes
     sliding = getattr(lc, "sliding_window", None) if "sliding_window" in supported else None
     chunk = getattr(lc, "attention_chunk_size", None) if "attention_chunk_size" in supported else None
-    if adapter.rope_layers is not None and not _global_list(config, adapter.rope_layers)[i]:
+    if adapter.rope_layers is not None and not global_list(config, adapter.rope_layers)[i]:
         for attr in ("sliding_window", "attention_chunk_size"):
             if explicit.get(attr) is not None:
                 raise HeteroConfigError(
-                    f"{_layer_where(i, attr, explicit[attr])}: layer {i} is a NoPE layer "
+                    f"{layer_where(i, attr, explicit[attr])}: layer {i} is a NoPE layer "
                     f"({adapter.rope_layers}[{i}]=0), which attends globally in {adapter.name}; "
                     "allowed: a window only on RoPE layers"
                 )
@@ -265,7 +246,7 @@ def _window(adapter: FamilyAdapter, config: PreTrainedConfig, i: int, lc: PreTra
         for attr, wanted in (("sliding_window", "sliding_attention"), ("attention_chunk_size", "chunked_attention")):
             if explicit.get(attr) is not None and layer_type != wanted:
                 raise HeteroConfigError(
-                    f"{_layer_where(i, attr, explicit[attr])}, but layer_types[{i}]={layer_type!r}: the stock layer "
+                    f"{layer_where(i, attr, explicit[attr])}, but layer_types[{i}]={layer_type!r}: the stock layer "
                     f"and cache would ignore the window; allowed: layer_types[{i}]={wanted!r} (hetgraph sets it "
                     "when it reads a config.json-style dict)"
                 )
@@ -273,8 +254,8 @@ def _window(adapter: FamilyAdapter, config: PreTrainedConfig, i: int, lc: PreTra
             sliding = None
         if layer_type != "chunked_attention":
             chunk = None
-    sliding = _positive(i, "sliding_window", sliding, optional=True)
-    chunk = _positive(i, "attention_chunk_size", chunk, optional=True)
+    sliding = positive(i, "sliding_window", sliding, optional=True)
+    chunk = positive(i, "attention_chunk_size", chunk, optional=True)
     if sliding is not None and chunk is not None:
         raise HeteroConfigError(
             f"layer {i}: sliding_window={sliding} and attention_chunk_size={chunk} are both set; "
@@ -288,11 +269,11 @@ def _is_moe(adapter: FamilyAdapter, config: PreTrainedConfig, i: int, mixer) -> 
         return mixer[0] == "moe"
     if adapter.moe_layers is None:
         return False
-    return adapter.moe_layers == "*" or i in _global_list(config, adapter.moe_layers)
+    return adapter.moe_layers == "*" or i in global_list(config, adapter.moe_layers)
 
 
 def _experts(adapter: FamilyAdapter, i: int, lc: PreTrainedConfig) -> dict[str, int]:
-    sizes = {attr: _positive(i, attr, getattr(lc, attr, None)) for attr in adapter.moe_attributes}
+    sizes = {attr: positive(i, attr, getattr(lc, attr, None)) for attr in adapter.moe_attributes}
     experts, top_k = sizes[adapter.moe_attributes[0]], sizes["num_experts_per_tok"]
     if top_k > experts:
         raise HeteroConfigError(
@@ -309,7 +290,7 @@ def _experts(adapter: FamilyAdapter, i: int, lc: PreTrainedConfig) -> dict[str, 
 
 
 def _mamba(adapter: FamilyAdapter, i: int, lc: PreTrainedConfig) -> dict[str, int]:
-    sizes = {attr: _positive(i, attr, getattr(lc, attr, None)) for attr in adapter.mamba_attributes}
+    sizes = {attr: positive(i, attr, getattr(lc, attr, None)) for attr in adapter.mamba_attributes}
     if sizes["mamba_num_heads"] % sizes["n_groups"]:
         raise HeteroConfigError(
             f"layer {i}: mamba_num_heads={sizes['mamba_num_heads']} is not divisible by n_groups={sizes['n_groups']}; "
@@ -327,14 +308,14 @@ def _layer_spec(adapter: FamilyAdapter, config, i: int, lc: PreTrainedConfig, hi
         fields["mixer_type"] = mixer[0]
     extra: dict[str, Any] = {}
     if kinds["attention"] == FULL:
-        heads = _positive(i, "num_attention_heads", lc.num_attention_heads)
-        kv = _positive(i, "num_key_value_heads", getattr(lc, "num_key_value_heads", None) or heads)
+        heads = positive(i, "num_attention_heads", lc.num_attention_heads)
+        kv = positive(i, "num_key_value_heads", getattr(lc, "num_key_value_heads", None) or heads)
         if heads % kv:
             raise HeteroConfigError(
                 f"layer {i}: num_attention_heads={heads} is not divisible by num_key_value_heads={kv}; "
                 "allowed: a divisor of num_attention_heads"
             )
-        head_dim = _positive(i, "head_dim", getattr(lc, "head_dim", None) or hidden // heads)
+        head_dim = positive(i, "head_dim", getattr(lc, "head_dim", None) or hidden // heads)
         sliding, chunk = _window(adapter, config, i, lc, explicit)
         fields.update(
             num_attention_heads=heads,
@@ -343,7 +324,7 @@ def _layer_spec(adapter: FamilyAdapter, config, i: int, lc: PreTrainedConfig, hi
             sliding_window=sliding,
             attention_chunk_size=chunk,
         )
-        if adapter.rope_layers is not None and not _global_list(config, adapter.rope_layers)[i]:
+        if adapter.rope_layers is not None and not global_list(config, adapter.rope_layers)[i]:
             extra["nope"] = True
     if kinds["mlp"] == FULL:
         if _is_moe(adapter, config, i, mixer):
@@ -352,168 +333,8 @@ def _layer_spec(adapter: FamilyAdapter, config, i: int, lc: PreTrainedConfig, hi
         else:
             width = adapter.mlp_width
         if width is not None:
-            fields["intermediate_size"] = _positive(i, width, getattr(lc, width, None))
+            fields["intermediate_size"] = positive(i, width, getattr(lc, width, None))
     if kinds["mamba"] == FULL:
         extra.update(_mamba(adapter, i, lc))
     fields["extra"] = tuple(sorted(extra.items()))
     return LayerSpec(**fields)
-
-
-def _validate_overrides(adapter: FamilyAdapter, config_or_none, overrides: Mapping) -> dict[int, dict]:
-    """Check raw `per_layer_config` entries; returns them with int keys and canonical attribute names."""
-    if not isinstance(overrides, Mapping):
-        raise HeteroConfigError(f"per_layer_config must be a mapping of layer index to overrides, got {overrides!r}")
-    num_layers = (
-        config_or_none
-        if isinstance(config_or_none, int)
-        else config_or_none._getattr_without_heterogeneous_validation("num_hidden_layers")
-    )
-    # Aliases (GptOss `num_experts`, NemotronH `num_local_experts`, `layer_types`) bypass transformers'
-    # ambiguity check: validate, and hand on, the real names.
-    attribute_map = dict(getattr(adapter.config_class, "attribute_map", None) or {})
-    allowed = sorted(adapter.per_layer_attributes | set(BLOCK_LIST_KEYS))
-    result: dict[int, dict] = {}
-    for key, layer_overrides in overrides.items():
-        try:
-            i = int(key)
-        except (TypeError, ValueError):
-            raise HeteroConfigError(f"per_layer_config key {key!r} is not a layer index") from None
-        if not 0 <= i < num_layers:
-            raise HeteroConfigError(
-                f"per_layer_config: layer index {i} is out of range; allowed: 0 to {num_layers - 1}"
-            )
-        if not isinstance(layer_overrides, Mapping):
-            raise HeteroConfigError(f"layer {i}: overrides must be a mapping, got {layer_overrides!r}")
-        clean: dict[str, Any] = {}
-        for attr, value in layer_overrides.items():
-            attr = attribute_map.get(attr, attr)
-            if attr in BLOCK_LIST_KEYS:
-                value = _block_list(adapter, i, attr, value)
-            elif attr in _GLOBAL_ONLY:
-                raise HeteroConfigError(
-                    f"{_layer_where(i, attr, value)}: {attr} cannot vary per layer (the residual stream and "
-                    f"vocabulary are shared); per-layer attributes allowed: {allowed}"
-                )
-            elif attr not in adapter.per_layer_attributes:
-                raise HeteroConfigError(
-                    f"{_layer_where(i, attr, value)}: {attr!r} is not a supported per-layer attribute for "
-                    f"{adapter.name}; allowed: {allowed}"
-                )
-            else:
-                optional = attr in ("sliding_window", "attention_chunk_size", "head_dim", "num_key_value_heads")
-                _positive(i, attr, value, optional=optional)
-            clean[attr] = value
-        if "sliding_window" in clean and "attention_chunk_size" in clean:
-            if clean["sliding_window"] is not None and clean["attention_chunk_size"] is not None:
-                raise HeteroConfigError(
-                    f"layer {i}: sliding_window={clean['sliding_window']} and "
-                    f"attention_chunk_size={clean['attention_chunk_size']} are both set; a layer has at most one"
-                )
-        result[i] = clean
-    return result
-
-
-def _block_list(adapter: FamilyAdapter, i: int, key: str, value: Any) -> list[str]:
-    if key == "skip":
-        allowed = list(adapter.skip_names)
-    else:  # "linear": blocks that have a one-Linear form
-        allowed = [b.name for b in adapter.blocks if b.linear_weight is not None]
-    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
-        raise HeteroConfigError(f"{_layer_where(i, key, value)} must be a list of block names; allowed: {allowed}")
-    for name in value:
-        if name not in allowed:
-            raise HeteroConfigError(f"{_layer_where(i, key, value)}: unknown block {name!r}; allowed: {allowed}")
-    return sorted(set(value))
-
-
-def config_from_dict(config_dict: Mapping[str, Any]) -> PreTrainedConfig:
-    """A transformers config object from a config.json-style dict with `per_layer_config`.
-
-    Other checkpoint layouts (Nemotron-NAS `block_configs`, LLM-Drop drop lists) are first turned
-    into that form by `hetgraph.formats.normalize`. Fills the globals a layer may override but the
-    family's config lacks (e.g. Llama's `sliding_window`), and applies `per_layer_config` after
-    construction, because some configs (Llama) read per-layer attributes such as
-    `num_attention_heads` globally while validating.
-    """
-    from hetgraph.formats import normalize  # formats builds on this module
-
-    # transformers writes inf / nan as {"__float__": "Infinity"} (NemotronH's `time_step_limit`).
-    d = PreTrainedConfig._decode_special_floats(copy.deepcopy(dict(normalize(strip_guard(config_dict)))))
-    model_type = d.get("model_type")
-    if model_type is None:
-        raise HeteroConfigError("config has no 'model_type'; hetgraph needs it to pick the model family")
-    adapter = adapter_for(model_type)
-    num_layers = d.get("num_hidden_layers")
-    if num_layers is None and adapter.mixer_list is not None:
-        # NemotronH: the layer count is the length of the block-type list (`num_hidden_layers` is derived).
-        stock = _stock_config(adapter, {k: v for k, v in d.items() if k != "per_layer_config"})
-        num_layers = len(_global_list(stock, adapter.mixer_list))
-    if not isinstance(num_layers, int) or num_layers <= 0:
-        raise HeteroConfigError(f"global config: num_hidden_layers={num_layers!r} must be a positive integer")
-    raw = d.pop("per_layer_config", None) or {}
-    overrides = _validate_overrides(adapter, num_layers, raw)
-    overridden = {attr for o in overrides.values() for attr in o}
-    for name in adapter.optional_globals:
-        if name in overridden and d.get(name) is None:
-            # transformers wants each per-layer attribute globally too; head_dim has a natural default.
-            d[name] = _default_head_dim(d) if name == "head_dim" else None
-    if "linear" in overridden:
-        d.setdefault("linear", [])
-    if adapter.has_layer_types:
-        _set_layer_types(adapter, d, num_layers, overrides)
-    d.pop("transformers_version", None)
-    try:
-        config = CONFIG_MAPPING[model_type](**d)
-        config.per_layer_config = overrides
-    except HeteroConfigError:
-        raise
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise HeteroConfigError(f"{model_type} config rejected by transformers: {e}") from e
-    return config
-
-
-def _default_head_dim(d: dict) -> int:
-    try:
-        return d["hidden_size"] // d["num_attention_heads"]
-    except (KeyError, TypeError, ZeroDivisionError):
-        raise HeteroConfigError(
-            "global config: hidden_size and num_attention_heads must be set to derive the global head_dim"
-        ) from None
-
-
-def _stock_config(adapter: FamilyAdapter, d: dict) -> PreTrainedConfig:
-    try:
-        return adapter.config_class(**d)
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise HeteroConfigError(f"{adapter.model_types[0]} config rejected by transformers: {e}") from e
-
-
-_WINDOW_TYPES = (("sliding_window", "sliding_attention"), ("attention_chunk_size", "chunked_attention"))
-
-
-def _set_layer_types(adapter: FamilyAdapter, d: dict, num_layers: int, overrides: dict[int, dict]) -> None:
-    """Type each layer in the global `layer_types` by its own window, which the stock layers and caches read.
-
-    A layer with its own window is typed "sliding_attention" / "chunked_attention", one whose window is
-    None "full_attention" (GptOss and Qwen read a layer's window only on sliding-typed layers; Llama4
-    derives the types once from the *global* chunk size). NoPE layers stay full (spec checks them).
-    """
-    layer_types = list(d.get("layer_types") or [])
-    if not layer_types:
-        layer_types = list(_stock_config(adapter, {k: v for k, v in d.items() if k != "layer_types"}).layer_types)
-    before = list(layer_types)
-    nope = d.get(adapter.rope_layers) if adapter.rope_layers else None
-    for i in range(num_layers):
-        o = overrides.get(i, {})
-        if nope and i < len(nope) and not nope[i]:
-            continue
-        for attr, layer_type in _WINDOW_TYPES:
-            if attr in o:
-                if o[attr] is not None:
-                    layer_types[i] = layer_type
-                elif layer_types[i] == layer_type:
-                    layer_types[i] = "full_attention"
-            elif layer_types[i] == layer_type and d.get(attr) is None and attr in adapter.per_layer_attributes:
-                layer_types[i] = "full_attention"  # typed windowed, but there is no window to use
-    if layer_types != before or "layer_types" in d:
-        d["layer_types"] = layer_types

@@ -8,7 +8,7 @@ retyped there (see `spec.config_from_dict`).
 
 from __future__ import annotations
 
-from hetgraph.arch import Block, FamilyAdapter
+from hetgraph.arch.types import Block, FamilyAdapter
 
 GPT_OSS = FamilyAdapter(
     name="gpt_oss",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hetgraph.arch import Block, FamilyAdapter
+from hetgraph.arch.types import Block, FamilyAdapter, ParamLayout
 
 _BLOCKS = (
     Block("attention", module="self_attn", norm="input_layernorm", returns_tuple=True, linear_weight="linear_attn"),
@@ -27,6 +27,7 @@ def _family(
     decoder_layer: str,
     optional_globals,
     has_layer_types: bool,
+    param_layout: ParamLayout,
     validate_reads=(),
     forward_reads=(),
 ) -> FamilyAdapter:
@@ -43,6 +44,7 @@ def _family(
         accepts_mask_mapping=has_layer_types,
         validate_reads=validate_reads,
         forward_reads=forward_reads,
+        param_layout=param_layout,
     )
 
 
@@ -54,6 +56,7 @@ LLAMA_FAMILY = (
         "LlamaDecoderLayer",
         ("sliding_window", "attention_chunk_size"),
         False,
+        ParamLayout(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias", qk_norm=False),
         validate_reads=("num_attention_heads",),
     ),
     _family(
@@ -62,8 +65,23 @@ LLAMA_FAMILY = (
         "MistralDecoderLayer",
         ("attention_chunk_size",),
         False,
+        ParamLayout(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False),
         forward_reads=("sliding_window",),
     ),
-    _family("qwen2", "Qwen2ForCausalLM", "Qwen2DecoderLayer", ("attention_chunk_size", "head_dim"), True),
-    _family("qwen3", "Qwen3ForCausalLM", "Qwen3DecoderLayer", ("attention_chunk_size",), True),
+    _family(
+        "qwen2",
+        "Qwen2ForCausalLM",
+        "Qwen2DecoderLayer",
+        ("attention_chunk_size", "head_dim"),
+        True,
+        ParamLayout(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False),
+    ),
+    _family(
+        "qwen3",
+        "Qwen3ForCausalLM",
+        "Qwen3DecoderLayer",
+        ("attention_chunk_size",),
+        True,
+        ParamLayout(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False, qk_norm=True),
+    ),
 )

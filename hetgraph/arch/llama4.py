@@ -9,7 +9,7 @@ which hetgraph rewrites from the per-layer `attention_chunk_size` values.
 
 from __future__ import annotations
 
-from hetgraph.arch import Block, FamilyAdapter
+from hetgraph.arch.types import Block, FamilyAdapter
 
 LLAMA4_TEXT = FamilyAdapter(
     name="llama4",

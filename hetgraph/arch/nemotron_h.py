@@ -12,12 +12,10 @@ which raises (or mis-sizes) when it varies per layer: `init_mamba` does the same
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
 
 import torch
 
-from hetgraph.arch import Block, FamilyAdapter
+from hetgraph.arch.types import Block, FamilyAdapter, StoredLayout
 
 
 @torch.no_grad()
@@ -36,64 +34,13 @@ def init_mamba(layer, layer_config) -> None:
         param._is_hf_initialized = True
 
 
-_EXPERT = re.compile(r"(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight")
-
-
-@dataclass
-class _StackedIndex:
-    """A checkpoint index (as `hetgraph.checkpoint.TensorIndex`) under the model's names; a name may
-    stand for several stored tensors, stacked on a new dim 0."""
-
-    files: dict[str, str]  # model name -> file (of its first part)
-    shapes: dict[str, tuple[int, ...]]
-    parts: dict[str, list[str]] = field(default_factory=dict)  # model name -> stored names, in order
-    stored_files: dict[str, str] = field(default_factory=dict)  # stored name -> file
-    stacked: set[str] = field(default_factory=set)
-
-    @property
-    def stored(self) -> dict[str, str]:
-        """Model name -> the stored name of its (first) part, as `RenamedIndex.stored`."""
-        return {name: parts[0] for name, parts in self.parts.items()}
-
-    def load(self, name: str) -> torch.Tensor:
-        from hetgraph.checkpoint import TensorIndex  # checkpoint imports spec, which imports arch
-
-        tensors = [TensorIndex(self.stored_files, {}).load(stored) for stored in self.parts[name]]
-        return torch.stack(tensors) if name in self.stacked else tensors[0]
-
-
-def checkpoint_index(index):
-    """NemotronH's stored layout (real checkpoints, and transformers' own `save_pretrained`) under the model's names.
-
-    Stored: `backbone.` for `model.`, and one `mixer.experts.{e}.{up,down}_proj.weight` per expert;
-    the model holds `mixer.experts.{up,down}_proj` of shape [experts, ...] (transformers merges them
-    the same way when it loads). Experts are stacked only when they are numbered 0..E-1 with one
-    shape; anything else keeps its stored name, and the strict check then reports it.
-    """
-    parts: dict[str, list[str]] = {}
-    stacked: set[str] = set()
-    experts: dict[str, dict[int, str]] = {}
-    for stored in index.shapes:
-        name = "model." + stored[len("backbone.") :] if stored.startswith("backbone.") else stored
-        m = _EXPERT.fullmatch(name)
-        if m:
-            experts.setdefault(f"{m[1]}.{m[3]}", {})[int(m[2])] = stored
-        else:
-            parts[name] = [stored]
-    shapes = {name: index.shapes[stored[0]] for name, stored in parts.items()}
-    for name, by_expert in experts.items():
-        ordered = [by_expert[e] for e in sorted(by_expert)]
-        if sorted(by_expert) == list(range(len(by_expert))) and len({index.shapes[s] for s in ordered}) == 1:
-            parts[name] = ordered
-            shapes[name] = (len(ordered), *index.shapes[ordered[0]])
-            stacked.add(name)
-        else:
-            for stored in ordered:
-                parts[stored] = [stored]
-                shapes[stored] = index.shapes[stored]
-    files = {name: index.files[stored[0]] for name, stored in parts.items()}
-    stored_files = {s: index.files[s] for s in index.shapes}
-    return _StackedIndex(files, shapes, parts=parts, stored_files=stored_files, stacked=stacked)
+# Real checkpoints, and transformers' own `save_pretrained`, store `backbone.` for `model.` and
+# one `mixer.experts.{e}.{up,down}_proj.weight` per expert; the model holds
+# `mixer.experts.{up,down}_proj` of shape [experts, ...] (transformers merges them the same way).
+STORED_LAYOUT = StoredLayout(
+    prefixes=(("backbone.", "model."),),
+    stacked=((r"(?P<module>.*\.mixer\.experts)\.(?P<index>\d+)\.(?P<proj>up_proj|down_proj)\.weight", "{module}.{proj}"),),
+)
 
 
 NEMOTRON_H = FamilyAdapter(
@@ -144,5 +91,5 @@ NEMOTRON_H = FamilyAdapter(
     },
     mamba_attributes=("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel"),
     init_layer=init_mamba,
-    checkpoint_index=checkpoint_index,
+    stored_layout=STORED_LAYOUT,
 )

@@ -3,8 +3,9 @@
 A format is data plus two pure functions: `to_per_layer(config_dict) -> config_dict` (a stock-family
 config.json dict with transformers' `per_layer_config`) and `weight_name(config_dict, stored) ->
 name | None` (its weight-name map: the hetgraph name of a stored tensor, or None for a tensor the
-format's own loader ignores). `normalize` is the one place that dispatches; `spec.config_from_dict`
-calls it, so `from_pretrained`, `from_config`, `inspect` and `convert` all accept every layout.
+format's own loader ignores). `read` is the one place that dispatches, once per config: it returns
+both as a `Layout`. `hetgraph.configs.config_from_dict` reads through it, so `from_pretrained`,
+`from_config`, `inspect` and `convert` all accept every layout.
 
     nemotron-nas  `block_configs` (DeciLMForCausalLM)   -> llama        (names: identity)
     llm-drop      `drop_attn_list` / `drop_mlp_list`     -> same family  (names: drops dropped blocks')
@@ -12,15 +13,12 @@ calls it, so `from_pretrained`, `from_config`, `inspect` and `convert` all accep
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from hetgraph.checkpoint import TensorIndex
-from hetgraph.formats import llm_drop, nemotron_nas
 from hetgraph.errors import HeteroConfigError
-
-logger = logging.getLogger(__name__)
+from hetgraph.formats import llm_drop, nemotron_nas
 
 
 @dataclass(frozen=True)
@@ -58,47 +56,22 @@ def detect(config_dict: Mapping[str, Any]) -> Format | None:
     return found[0] if found else None
 
 
-def normalize(config_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The per-layer form of any supported layout (the dict itself when it already is one)."""
-    fmt = detect(config_dict)
-    return config_dict if fmt is None else fmt.to_per_layer(config_dict)
+@dataclass(frozen=True)
+class Layout:
+    """A config.json dict read once: its per-layer form, and how its stored tensors are named."""
+
+    format: str | None  # the format read; None for the native per_layer_config form
+    config: Mapping[str, Any]  # the stock-family dict with `per_layer_config`
+    weight_name: Callable[[str], "str | None"]  # stored name -> hetgraph name; None: a tensor left unread
 
 
-def weight_names(config_dict: Mapping[str, Any], stored: list[str]) -> dict[str, str]:
-    """hetgraph name -> stored name, for the stored tensors the model uses."""
+def read(config_dict: Mapping[str, Any]) -> Layout:
+    """Detect the layout of a config dict (once) and read it into the per-layer form."""
     fmt = detect(config_dict)
     if fmt is None:
-        return {name: name for name in stored}
-    mapping, ignored = {}, []
-    for name in stored:
-        target = fmt.weight_name(config_dict, name)
-        if target is None:
-            ignored.append(name)
-        elif target in mapping:
-            raise HeteroConfigError(f"{fmt.name}: tensors {mapping[target]!r} and {name!r} both map to {target!r}")
-        else:
-            mapping[target] = name
-    if ignored:
-        logger.info("%s: ignoring %d stored tensor(s) of removed blocks, e.g. %s", fmt.name, len(ignored), ignored[0])
-    return mapping
+        return Layout(None, config_dict, _same_name)
+    return Layout(fmt.name, fmt.to_per_layer(config_dict), functools.partial(fmt.weight_name, config_dict))
 
 
-def map_index(config_dict: Mapping[str, Any], index: TensorIndex) -> TensorIndex:
-    """A checkpoint's TensorIndex under hetgraph's names: ignored tensors left out, renamed ones renamed."""
-    names = weight_names(config_dict, list(index.shapes))
-    files = {target: index.files[stored] for target, stored in names.items()}
-    shapes = {target: index.shapes[stored] for target, stored in names.items()}
-    if all(target == stored for target, stored in names.items()):
-        return TensorIndex(files, shapes)
-    return RenamedIndex(files, shapes, stored=names)
-
-
-@dataclass
-class RenamedIndex(TensorIndex):
-    """A TensorIndex whose names differ from the stored ones; `load` reads the stored tensor."""
-
-    stored: dict[str, str] = field(default_factory=dict)  # hetgraph name -> stored name
-
-    def load(self, name: str):
-        stored = self.stored[name]
-        return TensorIndex({stored: self.files[name]}, {}).load(stored)
+def _same_name(stored: str) -> str:
+    return stored

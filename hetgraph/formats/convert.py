@@ -1,6 +1,7 @@
 """Rewrite a checkpoint into transformers' `per_layer_config` layout, one tensor at a time.
 
-`convert(src, dst)`: the config goes through `formats.normalize` and the stock config class (what
+`convert(src, dst)`: the checkpoint is opened as `from_pretrained` opens it (`hetgraph.loading`:
+any layout, the family's stored names), the config goes through the stock config class (what
 `save_pretrained` would write), every stored tensor is checked by name and shape against the model
 skeleton (built on the meta device: no storage) before anything is written, then each tensor is
 read with safetensors' `safe_open`, written straight into its shard, and dropped. Peak memory is
@@ -21,8 +22,10 @@ import torch
 from safetensors import safe_open
 
 from hetgraph import stock_guard
+from hetgraph.build import build_skeleton, expected_tensors
+from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, TensorIndex, check_tensors
 from hetgraph.errors import CheckpointError
-from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, TensorIndex, check_tensors, read_config
+from hetgraph.loading import open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +60,15 @@ def convert(
     src: str, dst: str, *, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True
 ) -> list[str]:
     """Write `src` (any layout hetgraph reads) to `dst` in the per_layer_config layout; returns the files written."""
-    from hetgraph.build import _expected_tensors, build_skeleton, checkpoint_index
-
     limit = parse_size(max_shard_size)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise CheckpointError(f"{dst}: the destination must differ from the source")
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise CheckpointError(f"{dst}: exists and is not an empty directory; convert never overwrites")
-    config_dict = read_config(src)
-    model, spec = build_skeleton(config_dict)  # meta device: validates the config, gives names and shapes
-    index = checkpoint_index(src, config_dict, spec)
-    check_tensors(_expected_tensors(model), index)
+    ckpt = open_checkpoint(src)
+    model, _ = build_skeleton(ckpt.config)  # meta device: validates the config, gives names and shapes
+    index = ckpt.index
+    check_tensors(expected_tensors(model), index)
 
     names = [n for n in model.state_dict() if n in index.shapes]  # the model's own order
     dtypes = _stored_dtypes(index, names)
@@ -99,8 +100,8 @@ def convert(
 
 
 def _stored_dtypes(index: TensorIndex, names: list[str]) -> dict[str, str]:
-    """Each tensor's safetensors dtype string, read from the headers (no data)."""
-    stored = getattr(index, "stored", {})
+    """Each tensor's safetensors dtype string, read from the headers (no data); a stacked tensor's
+    is its first part's."""
     dtypes = {}
     by_file: dict[str, list[str]] = {}
     for n in names:
@@ -108,7 +109,7 @@ def _stored_dtypes(index: TensorIndex, names: list[str]) -> dict[str, str]:
     for path, file_names in by_file.items():
         with safe_open(path, framework="pt") as f:
             for n in file_names:
-                dtypes[n] = f.get_slice(stored.get(n, n)).get_dtype()
+                dtypes[n] = f.get_slice(index.entries[n][0].name).get_dtype()
     unknown = sorted({d for d in dtypes.values() if d not in _DTYPE_BYTES})
     if unknown:
         raise CheckpointError(f"convert: tensor dtype(s) {unknown} not supported; known: {sorted(_DTYPE_BYTES)}")

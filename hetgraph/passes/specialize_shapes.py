@@ -20,17 +20,6 @@ from hetgraph.passes._graph import LINEAR, SDPA, is_op, is_view, tag, value
 from hetgraph.passes._types import DYNAMO, EXPORT, PassContext, PassResult, applies_to
 from hetgraph.spec import FULL
 
-# Linear modules of a layer, and which spec sizes their weight must have: name -> (dim, size fn).
-_WEIGHT_RULES = {
-    "q_proj": (0, lambda s: s.num_attention_heads * s.head_dim),
-    "k_proj": (0, lambda s: s.num_key_value_heads * s.head_dim),
-    "v_proj": (0, lambda s: s.num_key_value_heads * s.head_dim),
-    "o_proj": (1, lambda s: s.num_attention_heads * s.head_dim),
-    "gate_proj": (0, lambda s: s.intermediate_size),
-    "up_proj": (0, lambda s: s.intermediate_size),
-    "down_proj": (1, lambda s: s.intermediate_size),
-}
-
 
 def _view_shape(node: fx.Node) -> tuple | None:
     shape = node.args[1:] if node.op == "call_method" else node.args[1:2]
@@ -83,6 +72,7 @@ def specialize_shapes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     report, refused = {}, {}
     checked: dict[int, int] = {}
     rewrites: list[tuple[fx.Node, str, object, object]] = []  # node, what, old, new
+    projections = ctx.spec.adapter.projections  # module name -> (dim, LayerSpec size attribute)
 
     for node in gm.graph.nodes:
         t = tag(node)
@@ -99,14 +89,14 @@ def specialize_shapes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 want = s.head_dim**-0.5
                 if not math.isclose(node.kwargs["scale"], want, rel_tol=1e-6):
                     rewrites.append((node, "scale", node.kwargs["scale"], want))
-        if is_op(node, LINEAR) and t.module_name in _WEIGHT_RULES:
-            dim, size = _WEIGHT_RULES[t.module_name]
-            weight = value(node.args[1])
+        if is_op(node, LINEAR) and t.module_name in projections:
+            dim, attr = projections[t.module_name]
+            weight, size = value(node.args[1]), getattr(s, attr)
             block_kind = getattr(s, t.block) if t.block else None
-            if weight is not None and block_kind == FULL and size(s) is not None:
+            if weight is not None and block_kind == FULL and size is not None:
                 checked[t.layer] = checked.get(t.layer, 0) + 1
-                if weight.shape[dim] != size(s):
-                    problem = f"{t.module_name} weight has {weight.shape[dim]} on dim {dim}, spec says {size(s)}"
+                if weight.shape[dim] != size:
+                    problem = f"{t.module_name} weight has {weight.shape[dim]} on dim {dim}, spec says {size}"
                     refused[t.layer] = "; ".join(filter(None, (refused.get(t.layer), problem)))
 
     for layer in refused:

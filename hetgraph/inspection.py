@@ -3,8 +3,7 @@
 Works on the bare config (dict, transformers config object, config.json or a checkpoint directory):
 parameter counts are arithmetic on the LayerSpec table, so no tensor is allocated for them. For a
 checkpoint directory the stored tensors are then read one at a time (unless `check_weights=False`)
-to report those holding NaN or Inf. Any format a later importer turns into a config (`hetgraph.build.normalize_config`)
-is inspected the same way.
+to report those holding NaN or Inf. Any layout `hetgraph.formats` reads is inspected the same way.
 """
 
 from __future__ import annotations
@@ -17,30 +16,12 @@ from typing import Any, Mapping
 import torch
 from transformers import PreTrainedConfig
 
-from hetgraph import formats
-from hetgraph.build import _parent_config, build_skeleton, normalize_config
-from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, read_config
+from hetgraph.build import build_skeleton, parent_config
+from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, TensorIndex
+from hetgraph.configs import normalize_config
 from hetgraph.errors import HeteroConfigError
+from hetgraph.loading import open_checkpoint
 from hetgraph.spec import FULL, LINEAR, SKIP, LayerSpec, ModelSpec
-
-
-@dataclass(frozen=True)
-class _ParamLayout:
-    """Which biases and extra norms a family's stock modules own: a bool, or the config attribute deciding it."""
-
-    qkv_bias: bool | str
-    o_bias: bool | str
-    mlp_bias: bool | str
-    qk_norm: bool  # RMSNorm(head_dim) on queries and keys (Qwen3)
-
-
-# Read off the stock modeling code (transformers 5.24); keyed by `FamilyAdapter.name`.
-_LAYOUTS = {
-    "llama": _ParamLayout(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias", qk_norm=False),
-    "mistral": _ParamLayout(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False),
-    "qwen2": _ParamLayout(qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False),
-    "qwen3": _ParamLayout(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False, qk_norm=True),
-}
 
 
 @dataclass(frozen=True)
@@ -55,7 +36,7 @@ class _Sizes:
 
     @classmethod
     def of(cls, spec: ModelSpec, config: PreTrainedConfig) -> "_Sizes | _SkeletonSizes":
-        layout = _LAYOUTS.get(spec.adapter.name)
+        layout = spec.adapter.param_layout
         if layout is None:  # experts, mamba mixers: read off the stock layers on the meta device
             return _SkeletonSizes.of(config)
 
@@ -103,7 +84,7 @@ class _SkeletonSizes:
     @classmethod
     def of(cls, config: PreTrainedConfig) -> "_SkeletonSizes":
         counts: dict[tuple, tuple[int, int]] = {}
-        for cfg in (config, _parent_config(config)):
+        for cfg in (config, parent_config(config)):
             model, spec = build_skeleton(copy.deepcopy(cfg))
             layers = getattr(model, spec.adapter.base_model_attr).layers
             for s, layer in zip(spec, layers):
@@ -255,18 +236,19 @@ def inspect_config(
     For a checkpoint directory with weights, `check_weights` also reads every stored tensor (one at
     a time) and reports those holding NaN or Inf.
     """
-    source = None
+    source, layout, nonfinite = None, None, None
     if isinstance(config_or_path, (str, os.PathLike)):
         source = os.fspath(config_or_path)
-        config_or_path = config_dict = read_config(source)
-        if not isinstance(config_or_path, Mapping):
-            kind = type(config_or_path).__name__
-            raise HeteroConfigError(f"{source}: a config must be a JSON object, got a JSON {kind}")
-    layout = formats.detect(config_or_path) if isinstance(config_or_path, Mapping) else None
-    config = normalize_config(config_or_path)
+        weights = check_weights and any(os.path.exists(os.path.join(source, f)) for f in (SINGLE_FILE, INDEX_FILE))
+        ckpt = open_checkpoint(source, weights=weights)
+        config, layout = ckpt.config, ckpt.layout
+        if ckpt.index is not None:
+            nonfinite = _nonfinite(ckpt.index)
+    else:
+        config = normalize_config(config_or_path)
     spec = ModelSpec.from_config(config)
     try:
-        parent_spec = ModelSpec.from_config(_parent_config(config))
+        parent_spec = ModelSpec.from_config(parent_config(config))
     except HeteroConfigError as e:
         raise HeteroConfigError(f"homogeneous parent (the global values on every layer): {e}") from e
     sizes = _Sizes.of(spec, config)
@@ -289,17 +271,13 @@ def inspect_config(
         totals=_totals(rows, other),
         parent=_totals(parent_rows, other),
         source=source,
-        layout=layout.name if layout else None,
-        nonfinite=_nonfinite(source, config_dict, spec) if check_weights and source and os.path.isdir(source) else None,
+        layout=layout,
+        nonfinite=nonfinite,
     )
 
 
-def _nonfinite(path: str, config_dict: Mapping, spec: ModelSpec) -> dict[str, tuple[int, int]] | None:
-    from hetgraph.build import checkpoint_index
-
-    if not any(os.path.exists(os.path.join(path, f)) for f in (SINGLE_FILE, INDEX_FILE)):
-        return None
-    index = checkpoint_index(path, config_dict, spec)
+def _nonfinite(index: TensorIndex) -> dict[str, tuple[int, int]]:
+    """The stored tensors holding NaN or Inf: name -> (NaN count, Inf count); read one at a time."""
     found = {}
     for name in index.shapes:
         t = index.load(name)

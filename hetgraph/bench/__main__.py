@@ -1,0 +1,3 @@
+from hetgraph.bench import main
+
+raise SystemExit(main())

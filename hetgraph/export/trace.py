@@ -1,0 +1,56 @@
+"""`torch.export.export` of a wrapper, then hetgraph's passes on the exported aten graph."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from hetgraph.contract import model_spec
+from hetgraph.export.plan import _plan
+from hetgraph.passes import EXPORT, PassContext, PassRecord, run_passes
+
+logger = logging.getLogger(__name__)
+
+
+def specialize(ep: torch.export.ExportedProgram, spec) -> list[PassRecord]:
+    """Run hetgraph's export passes on an exported program's graph, in place; the program stays valid.
+
+    Every pass but group_layer_variants: its shared submodules are not part of an ExportedProgram's signature.
+    """
+    _, records = run_passes(ep.graph_module, PassContext(spec=spec), graph=EXPORT)
+    for record in records:
+        for layer, reason in record.refused.items():
+            logger.info("hetgraph export %s: layer %s: %s", record.name, layer, reason)
+    ep.graph_module.recompile()
+    ep.validate()
+    return records
+
+
+def _trace(model, wrapper: nn.Module, args: tuple, dynamic_shapes) -> tuple[torch.export.ExportedProgram, list]:
+    with torch.no_grad():
+        ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes, strict=False)
+    return ep, specialize(ep, model_spec(model))
+
+
+def prefill_program(model: nn.Module, *, input_ids: torch.Tensor | None = None):
+    """The specialized prefill program `(input_ids) -> logits`, in memory, and what each pass did."""
+    (job,), _ = _plan(model, input_ids, False, None, None)
+    return _trace(model, job.wrapper, job.args, job.dynamic_shapes)
+
+
+def _prompt_range(ep: torch.export.ExportedProgram) -> tuple[int, int]:
+    """The prompt lengths a prefill program accepts: symbolic over the export range, or the
+    example's length where the program was traced static (mamba layers, see `_plan`)."""
+    ids = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name.endswith("input_ids"))
+    length = ids.meta["val"].shape[1]
+    if isinstance(length, torch.SymInt) and length.node.expr.is_number:
+        length = int(length.node.expr)
+    if isinstance(length, int):
+        return length, length
+    bounds = ep.range_constraints[length.node.expr]
+    # A symbolic size's range starts at 2 (export's 0/1 specialization); the program's own input
+    # check and graph accept 1 as well (tests/test_export.py decodes 1-token prompts).
+    lower = 1 if bounds.lower == 2 else int(bounds.lower)
+    return lower, int(bounds.upper)

@@ -9,6 +9,7 @@ import time
 import torch
 
 import hetgraph
+from hetgraph.bench.worker import median_ms
 
 # A Puzzle-like stack: attention removed from a third of the layers, MLP widths from 0.5x to 2x,
 # two sliding-window layers and one chunked layer, one layer pruned to fewer heads.
@@ -32,15 +33,6 @@ DEMO_CONFIG = dict(
         7: {"attention_chunk_size": 64},
     },
 )
-
-
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _engines(model):
@@ -89,7 +81,7 @@ def run(prompt_len: int = 64, new_tokens: int = 32, repeats: int = 5) -> None:
         decode = {n: [] for n in engines}
         for _ in range(repeats):
             for name, fwd in engines.items():
-                prefill[name].append(_median_ms(lambda: fwd(input_ids=prompt), 1))
+                prefill[name].append(median_ms(lambda: fwd(input_ids=prompt), 1))
                 start = time.perf_counter()
                 _decode_loop(model, fwd, prompt, new_tokens, cache)
                 total = (time.perf_counter() - start) * 1e3

@@ -247,8 +247,8 @@ def _window(adapter: FamilyAdapter, config: PreTrainedConfig, i: int, lc: PreTra
             if explicit.get(attr) is not None and layer_type != wanted:
                 raise HeteroConfigError(
                     f"{layer_where(i, attr, explicit[attr])}, but layer_types[{i}]={layer_type!r}: the stock layer "
-                    f"and cache would ignore the window; allowed: layer_types[{i}]={wanted!r} (hetgraph sets it "
-                    "when it reads a config.json-style dict)"
+                    f"and cache would ignore the window; allowed: layer_types[{i}]={wanted!r} (hetgraph.from_config "
+                    "sets it on its own copy of the config)"
                 )
         if layer_type != "sliding_attention":
             sliding = None

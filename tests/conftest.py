@@ -1,4 +1,9 @@
-"""Shared fixtures: dynamo reset around every test, and tiny random checkpoints on disk."""
+"""Shared fixtures: dynamo reset around every test, and tiny random checkpoints on disk.
+
+Imports: test modules import shared code as `support.*` and the independent references as
+`references.*`; pytest's default (prepend) import mode puts this folder, tests/, on sys.path because
+it has no __init__.py. Test modules never import each other.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import pytest
 import torch
 
 import hetgraph
+from support.models import hetero_config
 
 
 @pytest.fixture(autouse=True)
@@ -34,3 +40,17 @@ def checkpoint(tmp_path_factory):
         return str(path)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def case_checkpoint(checkpoint):
+    """`path(family)`: the checkpoint of `hetero_config(family)` (seed 0), written once per session
+    and shared by every module that tests the case; tests only read it."""
+    paths: dict[str, str] = {}
+
+    def path(family: str) -> str:
+        if family not in paths:
+            paths[family] = checkpoint(hetero_config(family))
+        return paths[family]
+
+    return path

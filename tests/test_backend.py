@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import hetgraph
-from cases import FAMILIES, VOCAB, hetero_config
-from helpers import assert_ops
 from hetgraph.backend import BackendOptions, HetgraphBackend, inductor_patches
-from reference import load_reference
+from references.llama import load_reference
+from support.graphs import assert_ops
+from support.models import GREEDY, LLAMA_FAMILIES, VOCAB, hetero_config
 
 SDPA = torch._C._nn.scaled_dot_product_attention
 
@@ -91,7 +91,7 @@ def test_restrided_weight_recompiles_without_size_asserts(checkpoint):
     assert len(backend.reports) == 2
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LLAMA_FAMILIES)
 def test_compiled_logits_equal_reference(family, checkpoint):
     path = checkpoint(hetero_config(family))
     model = hetgraph.from_pretrained(path)
@@ -118,14 +118,13 @@ def test_compiled_greedy_decode_two_graphs_no_recompile(checkpoint):
     model.forward = torch.compile(model.forward, backend=backend, fullgraph=True)
     cache = hetgraph.make_cache(model, batch_size=2, max_cache_len=ids.shape[1] + new)
     addresses = [(l.keys.data_ptr(), l.values.data_ptr()) for l in cache.layers if l.keys is not None]
-    gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     # Warm up: the prefill graph and the decode graph (dynamo counts the second as a recompile).
-    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=2, **gen)
+    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=2, **GREEDY)
     assert len(backend.reports) == 2
     cache.reset()
     # Then a generation that fills the cache past every window compiles nothing more.
     with torch._dynamo.config.patch(error_on_recompile=True):
-        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=new, **gen)
+        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=new, **GREEDY)
     assert torch.equal(out, expected)
     assert addresses == [(l.keys.data_ptr(), l.values.data_ptr()) for l in cache.layers if l.keys is not None]
     assert len(backend.reports) == 2
@@ -163,8 +162,7 @@ def test_generate_compile_config_uses_backend(checkpoint, monkeypatch):
     config._compile_all_devices = True  # generate auto-compiles only on accelerators otherwise
     model.generation_config.compile_config = config
     cache = hetgraph.make_cache(model, batch_size=2, max_cache_len=16)
-    out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=6, do_sample=False,
-                         pad_token_id=0, eos_token_id=None)
+    out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=6, **GREEDY)
     assert torch.equal(out, expected)
     assert calls, "generate did not compile through the hetgraph backend"
 
@@ -196,13 +194,15 @@ def test_plain_transformers_model_compiles_unchanged():
                                    model(ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
 
 
-def test_failing_pass_compiles_graph_unchanged_with_log(checkpoint, monkeypatch, caplog):
-    import hetgraph.backend as backend_module
+def test_failing_pass_compiles_graph_unchanged_with_a_warning_naming_it(checkpoint, monkeypatch, caplog):
+    import hetgraph.passes as passes_module
 
-    def broken(gm, ctx, passes):
+    @passes_module.applies_to(passes_module.DYNAMO)
+    def specialize_shapes(gm, ctx):
         raise RuntimeError("pattern not understood")
 
-    monkeypatch.setattr(backend_module, "run_passes", broken)
+    broken = tuple(specialize_shapes if p.__name__ == "specialize_shapes" else p for p in passes_module.PASSES)
+    monkeypatch.setattr(passes_module, "PASSES", broken)
     model = hetgraph.from_pretrained(checkpoint(hetero_config("llama")))
     ids, mask = _ids()
     backend = HetgraphBackend()
@@ -212,7 +212,11 @@ def test_failing_pass_compiles_graph_unchanged_with_log(checkpoint, monkeypatch,
             got = compiled(ids, attention_mask=mask).logits
     torch.testing.assert_close(got, model(ids, attention_mask=mask).logits, atol=1e-4, rtol=0)
     assert "compiling the graph unchanged" in caplog.text and "pattern not understood" in caplog.text
-    assert backend.reports[0].fallback == "RuntimeError: pattern not understood"
+    assert backend.reports[0].fallback == (
+        "pass specialize_shapes failed on a dynamo graph (after attribute_nodes, eliminate_skipped_blocks, "
+        "select_window_masks): RuntimeError: pattern not understood"
+    )
+    assert "pass specialize_shapes failed" in caplog.text
     torch._dynamo.reset()
     with pytest.raises(Exception, match="pattern not understood"):
         torch.compile(model, backend=HetgraphBackend(options={"strict": True}))(ids)

@@ -1,12 +1,9 @@
-"""Build, load, save and generate, per family, against the plain-PyTorch reference in `reference.py`."""
+"""Build, load, save and generate, per family, against the plain-PyTorch reference in `references/llama.py`."""
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -14,10 +11,12 @@ import torch
 import transformers
 
 import hetgraph
-from cases import FAMILIES, VOCAB, hetero_config
-from family_checks import GREEDY, assert_greedy_matches, assert_logits_match, read_config
-from family_checks import prompts as family_prompts
-from reference import load_reference
+from references import load_reference
+from support.checks import assert_greedy_matches, assert_logits_match, read_config
+from support.checks import prompts as family_prompts
+from support.fixtures import model_fixtures
+from support.fresh_python import run_python
+from support.models import GREEDY, LLAMA_FAMILIES, VOCAB, hetero_config
 
 prompts = functools.partial(family_prompts, VOCAB)
 
@@ -29,31 +28,13 @@ STOCK_CLASS = {
 }
 # A removed block takes its pre-norm with it.
 BLOCK_MODULES = {"attention": ("self_attn", "input_layernorm"), "mlp": ("mlp", "post_attention_layernorm")}
-# The reference never stops at EOS; neither may generate.
 NEW_TOKENS = 10
 
 
 # ---- fixtures and helpers -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def ckpt(family, checkpoint):
-    return checkpoint(hetero_config(family))
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return hetgraph.from_pretrained(ckpt)
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return load_reference(ckpt)
+family, ckpt, model, ref = model_fixtures(LLAMA_FAMILIES)
 
 
 def layer_settings(config: dict, i: int) -> dict:
@@ -251,7 +232,7 @@ _SNAPSHOT = textwrap.dedent(
     def warm_up_transformers():
         # transformers caches some things on its classes on first use (e.g. `Module.smart_apply`);
         # doing the stock work first keeps those out of the comparison.
-        from cases import homogeneous_config
+        from support.models import homogeneous_config
         for fam in FAMILIES:
             cfg = dict(homogeneous_config(fam))
             cfg.pop("model_type")
@@ -275,14 +256,6 @@ _SNAPSHOT = textwrap.dedent(
 )
 
 
-def run_python(code: str) -> None:
-    """Run `code` in a fresh interpreter (so import order is real); fail with its output if it fails."""
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
-
-
 def test_import_and_use_do_not_patch_transformers(tmp_path):
     out = tmp_path / "changes.json"
     run_python(
@@ -293,10 +266,10 @@ def test_import_and_use_do_not_patch_transformers(tmp_path):
             warm_up_transformers()
             before = snapshot()
             import hetgraph
-            from cases import FAMILIES, hetero_config
+            from support.models import LLAMA_FAMILIES, hetero_config
             after_import = snapshot()
             errors = {{}}
-            for fam in FAMILIES:
+            for fam in LLAMA_FAMILIES:
                 try:
                     m = hetgraph.from_config(hetero_config(fam))
                     ids = torch.randint(1, 100, (2, 8))
@@ -346,7 +319,7 @@ def test_plain_transformers_model_unaffected_by_hetgraph(tmp_path):
         + textwrap.dedent(
             f"""
             import hetgraph
-            from cases import hetero_config
+            from support.models import hetero_config
             hetgraph.from_config(hetero_config("llama"))(torch.randint(1, 100, (1, 6)))
             plain_llama_logits({str(with_het)!r})
             """

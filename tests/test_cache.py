@@ -10,31 +10,10 @@ import torch
 from transformers.cache_utils import DummyLayer
 
 import hetgraph
-from cases import FAMILIES, VOCAB, hetero_config
-from reference import load_reference
+from support.fixtures import model_fixtures
+from support.models import GREEDY, LLAMA_FAMILIES, VOCAB
 
-# The reference never stops at EOS; neither may generate.
-GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def ckpt(family, checkpoint):
-    return checkpoint(hetero_config(family))
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return hetgraph.from_pretrained(ckpt)
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return load_reference(ckpt)
+family, ckpt, model, ref = model_fixtures(LLAMA_FAMILIES)
 
 
 @pytest.fixture(scope="module")

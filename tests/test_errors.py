@@ -14,7 +14,7 @@ from transformers import LlamaConfig
 
 import hetgraph
 from hetgraph import HeteroConfigError
-from cases import FAMILIES, hetero_config
+from support.models import LLAMA_FAMILIES, hetero_config
 
 SUPPORTED_ATTRIBUTES = (
     "intermediate_size",
@@ -65,7 +65,7 @@ BAD_LAYERS = {
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LLAMA_FAMILIES)
 @pytest.mark.parametrize("case", list(BAD_LAYERS))
 def test_bad_layer_attribute(family, case):
     layer, overrides, pattern = BAD_LAYERS[case]

@@ -18,12 +18,17 @@ import pytest
 import torch
 
 import hetgraph
-from cases import FAMILIES, VOCAB, hetero_config
+import hetgraph.runtime
 from hetgraph.cli import main
-from hetgraph.export import EXPORT_PASSES, _Logits, _trace, generate_with_exported, read_metadata, specialize
-from reference import load_reference
+from hetgraph.contract import model_spec
+from hetgraph.export.trace import _trace, specialize
+from hetgraph.export.wrappers import _Logits
+from hetgraph.passes import EXPORT, passes_for
+from hetgraph.runtime import FORMAT_VERSION, generate_with_exported, read_metadata
+from support.fresh_python import run_python
+from support.fixtures import model_fixtures
+from support.models import GREEDY, LLAMA_FAMILIES as FAMILIES, VOCAB, hetero_config
 
-GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 BATCH, PROMPT, NEW, CACHE = 2, 6, 14, 24
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # Modules of a decoder layer that belong to each block: removed with it.
@@ -65,14 +70,7 @@ def config_layers(config: dict) -> list[dict]:
     return layers
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def ckpt(family, checkpoint):
-    return checkpoint(hetero_config(family))
+family, ckpt, model, ref = model_fixtures(FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +78,6 @@ def config(ckpt):
     """The checkpoint's config.json: the family's defaults written out (Qwen3's head_dim=128)."""
     with open(os.path.join(ckpt, "config.json")) as f:
         return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def model(ckpt):
-    return hetgraph.from_pretrained(ckpt)
-
-
-@pytest.fixture(scope="module")
-def ref(ckpt):
-    return load_reference(ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +162,8 @@ def test_passes_on_exported_graph_change_exactly_once(model):
     ep, records = _trace(model, _Logits(model), (ids,), None)
     changed = {r.name: r.changed for r in records}
     assert changed["eliminate_skipped_blocks"], changed
-    assert not any(r.changed for r in specialize(ep, hetgraph.build.model_spec(model)))
-    assert [p.__name__ for p in EXPORT_PASSES] == [r.name for r in records]
+    assert not any(r.changed for r in specialize(ep, model_spec(model)))
+    assert [p.__name__ for p in passes_for(EXPORT)] == [r.name for r in records]
     raw = torch.export.export(_Logits(model), (ids,), strict=False)
     assert [n for n in calls(raw) if n.target == torch.ops.aten.zeros_like.default], "the case needs removed blocks"
     with torch.no_grad():
@@ -195,8 +183,8 @@ def llama(checkpoint, tmp_path_factory):
 
 _WITHOUT_HETGRAPH = textwrap.dedent(
     """
-    import sys, torch
-    prefill_only, prefill, decode, ids_file, out_file = sys.argv[1:]
+    import importlib.util, sys, torch
+    prefill_only, prefill, decode, ids_file, out_file, runtime_file = sys.argv[1:]
     ids = torch.load(ids_file)
     with torch.no_grad():
         logits = torch.export.load(prefill_only).module()(ids)
@@ -208,8 +196,15 @@ _WITHOUT_HETGRAPH = textwrap.dedent(
         for _ in range(NEW - 1):
             token = step(token, state)[:, -1].argmax(-1, keepdim=True)
             tokens.append(token)
+    # hetgraph's runtime module, loaded from its file alone: what a user copies next to the programs.
+    spec = importlib.util.spec_from_file_location("copied_runtime", runtime_file)
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    generated = runtime.generate_with_exported(prefill, decode, ids, NEW)
+    meta = runtime.read_metadata(prefill)
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("hetgraph", "transformers"))
-    torch.save({"logits": logits, "tokens": torch.cat(tokens, 1), "leaked": leaked}, out_file)
+    torch.save({"logits": logits, "tokens": torch.cat(tokens, 1), "generated": generated, "meta": meta,
+                "leaked": leaked}, out_file)
     """
 ).replace("NEW", str(NEW))
 
@@ -220,7 +215,7 @@ def test_programs_run_without_hetgraph(llama):
     torch.save(ids, out / "ids.pt")
     script = out / "run.py"
     script.write_text(_WITHOUT_HETGRAPH)
-    paths = [prefill.prefill, decode.prefill, decode.decode, out / "ids.pt", out / "o.pt"]
+    paths = [prefill.prefill, decode.prefill, decode.decode, out / "ids.pt", out / "o.pt", hetgraph.runtime.__file__]
     proc = subprocess.run([sys.executable, script, *paths], capture_output=True, text=True, cwd=out, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out / "o.pt")
@@ -228,6 +223,83 @@ def test_programs_run_without_hetgraph(llama):
     with torch.no_grad():
         torch.testing.assert_close(got["logits"], model(ids).logits, atol=1e-5, rtol=0)
     assert torch.equal(got["tokens"], model.generate(ids, max_new_tokens=NEW, **GREEDY))
+    assert torch.equal(got["generated"], got["tokens"])
+    assert got["meta"] == read_metadata(decode.prefill)
+    assert (got["meta"]["format_version"], got["meta"]["program"]) == (FORMAT_VERSION, "prefill")
+
+
+# ---- where the programs go: one .pt2 file, or a directory ----------------------------------------
+
+
+def test_pt2_path_writes_that_one_file(llama, tmp_path):
+    """The README's promise: `hetgraph.export(model, "model.pt2", input_ids=ids)` writes the file
+    `model.pt2`, loadable with `torch.export.load`."""
+    model = llama[0]
+    path = str(tmp_path / "sub" / "model.pt2")  # a str, as the README writes it; the folder is created
+    result = hetgraph.export(model, path, input_ids=prompt())
+    assert os.listdir(tmp_path / "sub") == ["model.pt2"] and os.path.isfile(path)
+    assert (result.prefill, result.decode, result.prefill_package) == (path, None, None)
+    ids = prompt(9)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(path).module()(ids), model(ids).logits, atol=1e-5, rtol=0)
+    meta = read_metadata(path)
+    assert (meta["format_version"], meta["program"], meta["batch_size"]) == (FORMAT_VERSION, "prefill", BATCH)
+
+
+def test_pt2_path_package_lands_next_to_it(llama, tmp_path, monkeypatch):
+    """`package=True` with a file path: `model.aoti.pt2` beside `model.pt2` (the compile is stubbed:
+    test_package_runs_like_the_program compiles for real, into a directory)."""
+    compiled = {}
+
+    def fake_package(ep, file, meta):
+        compiled[file] = json.loads(meta)
+        return file
+
+    monkeypatch.setattr(hetgraph.export.write, "_package", fake_package)
+    path = tmp_path / "model.pt2"
+    result = hetgraph.export(llama[0], path, input_ids=prompt(), package=True)
+    package = str(tmp_path / "model.aoti.pt2")
+    assert (result.prefill, result.prefill_package) == (str(path), package)
+    assert list(compiled) == [package] and compiled[package] == read_metadata(path)
+    assert os.listdir(tmp_path) == ["model.pt2"]
+
+
+def test_pt2_path_refuses_decode_and_directories(llama, tmp_path):
+    model = llama[0]
+    with pytest.raises(ValueError, match=r"decode=True writes two programs .* needs a directory, got the file path"):
+        hetgraph.export(model, tmp_path / "model.pt2", input_ids=prompt(), decode=True, max_cache_len=CACHE)
+    assert not os.listdir(tmp_path)
+    (tmp_path / "old.pt2").mkdir()  # what an export to "old.pt2" wrote before file paths existed
+    with pytest.raises(ValueError, match=r"old.pt2' is a directory; a path ending in .pt2 names the one file"):
+        hetgraph.export(model, tmp_path / "old.pt2", input_ids=prompt())
+    assert os.listdir(tmp_path) == ["old.pt2"] and not os.listdir(tmp_path / "old.pt2")
+
+
+def test_directory_path_keeps_one_file_per_program(prefill, decode):
+    assert sorted(os.listdir(os.path.dirname(prefill.prefill))) == ["prefill.pt2"]
+    assert sorted(os.listdir(os.path.dirname(decode.prefill))) == ["decode.pt2", "prefill.pt2"]
+    assert [read_metadata(p)["program"] for p in (decode.prefill, decode.decode)] == ["prefill", "decode"]
+
+
+def test_hetgraph_export_is_the_function_and_the_module():
+    """After `import hetgraph`, `hetgraph.export(...)` exports and `hetgraph.export.read_metadata`
+    (the README's spelling) is the runtime's; a fresh interpreter, so only `import hetgraph` ran."""
+    run_python(textwrap.dedent(
+        """
+        import hetgraph, hetgraph.runtime as runtime
+        from hetgraph.export import export
+        assert callable(hetgraph.export) and "export" in hetgraph.__all__
+        assert hetgraph.export.read_metadata is runtime.read_metadata
+        assert hetgraph.export.generate_with_exported is hetgraph.generate_with_exported is runtime.generate_with_exported
+        assert hetgraph.export.export is export
+        try:
+            hetgraph.export(object(), "x.pt2", decode=True)
+        except ValueError as e:  # the call reached export's own checks
+            assert "needs a directory" in str(e), e
+        else:
+            raise AssertionError("hetgraph.export(...) did not call export")
+        """
+    ))
 
 
 def test_package_runs_like_the_program(llama, tmp_path):
@@ -332,7 +404,7 @@ def test_cli_export_and_show_graph(llama, checkpoint, tmp_path, capsys):
 
     assert main(["show-graph", src]) == 0
     text = capsys.readouterr().out
-    spec = hetgraph.build.model_spec(model)
+    spec = model_spec(model)
     blocks = re.split(r"^layer (\d+): ", text, flags=re.M)
     listing = {int(blocks[k]): blocks[k + 1] for k in range(1, len(blocks), 2)}
     assert sorted(listing) == list(range(len(spec)))

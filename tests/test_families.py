@@ -1,27 +1,209 @@
-"""What holds for every family at once: building and running GptOss, Llama4 and NemotronH models
-leaves transformers' classes and modules exactly as they were; `inspect` reports them."""
+"""One suite for GptOss, Llama4 text and NemotronH, parametrized over a per-family case table: each
+family's tiny heterogeneous model (tests/support/models.py) against its own plain-PyTorch reference
+(tests/references/): logits, greedy generate (cached and not), save/load, invalid configs, compiled
+decode and forward, exported decode. And what holds for every family at once: building and running
+them leaves transformers' classes and modules exactly as they were; `inspect` reports them.
+
+What only one family has (its structure, its own config rules) lives in tests/test_<family>.py.
+"""
 
 from __future__ import annotations
 
 import json
 import textwrap
+from dataclasses import dataclass
+from typing import Callable
 
 import pytest
+import torch
 
-from hetgraph.inspect import inspect_config
-from test_build import run_python
-from test_gpt_oss import hetero_config as gpt_oss_config
-from test_llama4 import hetero_config as llama4_config
-from test_nemotron_h import hetero_config as nemotron_h_config
+import hetgraph
+from hetgraph import HeteroConfigError
+from hetgraph.export import generate_with_exported, read_metadata
+from hetgraph.inspection import inspect_config
+from support.checks import (
+    assert_compiled_decode,
+    assert_compiled_logits,
+    assert_exported_decode,
+    assert_greedy_matches,
+    assert_logits_match,
+    assert_save_load_round_trip,
+    assert_stateless_layers_hold_dummies,
+    assert_uncached_greedy_matches,
+    prompts,
+)
+from support.fixtures import model_fixtures
+from support.fresh_python import run_python
+from support.models import VOCAB, hetero_config
+
+FAMILIES = ("gpt_oss", "llama4_text", "nemotron_h")
+
+
+def _nemotron_h_export_specializes_prompt_length(exported) -> None:
+    # The stock chunked scan makes export specialize the prompt length (6, one chunk): the metadata
+    # says so, and a prompt of another length is refused before it reaches the program.
+    meta = read_metadata(exported.prefill)
+    assert (meta["min_prompt_len"], meta["max_prompt_len"]) == (6, 6)
+    with pytest.raises(ValueError, match=r"serve prompts of 6 tokens, input_ids has shape \(2, 5\)"):
+        generate_with_exported(exported.prefill, exported.decode, torch.ones(2, 5, dtype=torch.long), 3)
+
+
+@dataclass(frozen=True)
+class Case:
+    """What the shared suite checks differently per family."""
+
+    # Per-layer entries a save writes (without hetgraph's note for stock readers), layer -> entry.
+    saved_entries: dict[int, dict]
+    # Invalid per-layer overrides: name -> (layer, override, pattern the HeteroConfigError matches).
+    bad: dict[str, tuple[int, dict, str]]
+    # Layers whose removed blocks `eliminate_skipped_blocks` rewrote in the compiled prefill graph.
+    eliminated: frozenset[int] | None = None
+    # The experts run the default implementation (grouped_mm; its fp32 CPU fallback op) in the decode graph.
+    grouped_mm_experts: bool = False
+    # The compiled forward holds no `zeros_like` (removed blocks left nothing behind).
+    compiled_without_zeros: bool = False
+    # More checks of the exported programs.
+    check_export: Callable | None = None
+
+
+CASES = {
+    "gpt_oss": Case(
+        saved_entries={0: {"num_local_experts": 3, "intermediate_size": 48, "skip": ["attention"]}},
+        bad={
+            "per_layer_hidden_size": (1, {"hidden_size": 32}, r"layer 1\b.*hidden_size=32\b"),
+            "per_layer_vocab_size": (1, {"vocab_size": 64}, r"layer 1\b.*vocab_size=64\b"),
+            "per_layer_layer_types": (1, {"layer_types": ["full_attention"] * 4}, r"layer 1\b.*layer_types.*cannot vary"),
+            "unknown_skip": (1, {"skip": ["mixer"]}, r"layer 1\b.*unknown block 'mixer'.*'attention', 'mlp'"),
+            "linear_not_supported": (1, {"linear": ["mlp"]}, r"layer 1\b.*linear.*unknown block 'mlp'; allowed: \[\]"),
+            "chunk_not_supported": (1, {"attention_chunk_size": 4}, r"layer 1\b.*attention_chunk_size.*not a supported"),
+            "top_k_above_experts": (3, {"num_experts_per_tok": 7},
+                                    r"layer 3\b.*num_experts_per_tok=7.*num_local_experts=6"),
+            "zero_experts": (1, {"num_experts": 0}, r"layer 1\b.*num_local_experts=0\b.*positive"),
+            "zero_window": (1, {"sliding_window": 0}, r"layer 1\b.*sliding_window=0\b.*positive"),
+        },
+        eliminated=frozenset({0, 2}),
+        grouped_mm_experts=True,
+        compiled_without_zeros=True,
+    ),
+    "llama4_text": Case(
+        saved_entries={0: {"intermediate_size_mlp": 48, "skip": ["attention"]}},
+        bad={
+            "per_layer_hidden_size": (1, {"hidden_size": 32}, r"layer 1\b.*hidden_size=32\b"),
+            "per_layer_vocab_size": (1, {"vocab_size": 64}, r"layer 1\b.*vocab_size=64\b"),
+            "per_layer_moe_layers": (1, {"moe_layers": [1]}, r"layer 1\b.*moe_layers.*cannot vary"),
+            "per_layer_no_rope_layers": (1, {"no_rope_layers": [1, 1, 1, 1]}, r"layer 1\b.*no_rope_layers.*cannot vary"),
+            "chunk_on_nope_layer": (3, {"attention_chunk_size": 2}, r"layer 3\b.*attention_chunk_size=2.*NoPE"),
+            "sliding_not_supported": (1, {"sliding_window": 4}, r"layer 1\b.*sliding_window.*not a supported"),
+            "top_k_above_experts": (1, {"num_experts_per_tok": 4},
+                                    r"layer 1\b.*num_experts_per_tok=4.*num_local_experts=3"),
+            "unknown_skip": (1, {"skip": ["feed_forward"]},
+                             r"layer 1\b.*unknown block 'feed_forward'.*'attention', 'mlp'"),
+        },
+        eliminated=frozenset({0, 2}),
+        compiled_without_zeros=True,
+    ),
+    "nemotron_h": Case(
+        saved_entries={0: {"skip": ["attention"]}, 4: {"intermediate_size": 48}},
+        bad={
+            "mismatched_skip_name": (1, {"skip": ["attention"]},
+                                     r"layer 1: skip 'attention' does not match.*mamba.*'mixer', 'mamba'"),
+            "mlp_skip_on_attention": (3, {"skip": ["mlp"]}, r"layer 3: skip 'mlp' does not match.*attention"),
+            "unknown_skip": (3, {"skip": ["self_attn"]}, r"layer 3\b.*unknown block 'self_attn'.*'mixer'"),
+            "per_layer_block_types": (1, {"layer_types": ["mlp"] * 6}, r"layer 1\b.*layers_block_type.*cannot vary"),
+            "per_layer_hidden_size": (1, {"hidden_size": 32}, r"layer 1\b.*hidden_size=32\b"),
+            "per_layer_vocab_size": (1, {"vocab_size": 64}, r"layer 1\b.*vocab_size=64\b"),
+            "mamba_heads_not_grouped": (5, {"mamba_num_heads": 7}, r"layer 5\b.*mamba_num_heads=7.*n_groups=2"),
+            "top_k_above_experts": (2, {"num_experts_per_tok": 7},
+                                    r"layer 2\b.*num_experts_per_tok=7.*n_routed_experts=6"),
+            "zero_state": (1, {"ssm_state_size": 0}, r"layer 1\b.*ssm_state_size=0\b.*positive"),
+        },
+        grouped_mm_experts=True,
+        check_export=_nemotron_h_export_specializes_prompt_length,
+    ),
+}
+
+family, ckpt, model, ref = model_fixtures(FAMILIES)
+
+
+# ---- forward and generate against the reference -------------------------------------------------
+
+
+@pytest.mark.parametrize("pad", [(0, 0), (0, 5)])
+def test_logits_match_reference(model, ref, pad):
+    assert_logits_match(model, ref, *prompts(VOCAB, pad=pad))
+
+
+@pytest.mark.parametrize("cache", ["default", "make_cache"])
+def test_greedy_generate_matches_reference(model, ref, cache):
+    ids, mask = prompts(VOCAB, pad=(0, 4))
+    out = assert_greedy_matches(model, ref, ids, mask, new=16, cache=cache)  # past every window and chunk
+    assert_stateless_layers_hold_dummies(model, out.past_key_values)
+
+
+def test_layer0_without_attention_decodes_without_cache(model, ref):
+    assert_uncached_greedy_matches(model, ref, VOCAB)
+
+
+def test_save_load_round_trip(family, model, ckpt, tmp_path):
+    assert_save_load_round_trip(model, ckpt, tmp_path, VOCAB, CASES[family].saved_entries)
+
+
+# ---- invalid configs ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model_type, case", [pytest.param(f, name, id=f"{f}-{name}") for f in FAMILIES for name in CASES[f].bad]
+)
+def test_bad_config(model_type, case):
+    layer, overrides, pattern = CASES[model_type].bad[case]
+    d = hetero_config(model_type)
+    d["per_layer_config"][layer] = {**d["per_layer_config"].get(layer, {}), **overrides}
+    with pytest.raises(HeteroConfigError, match=pattern):
+        hetgraph.from_config(d)
+
+
+# ---- compiled -----------------------------------------------------------------------------------
+
+
+def test_compiled_greedy_decode_two_graphs_no_recompile(family, ckpt, ref):
+    case = CASES[family]
+    backend = assert_compiled_decode(ckpt, ref, VOCAB)
+    if case.eliminated is not None:
+        eliminate = next(r for r in backend.reports[0].records if r.name == "eliminate_skipped_blocks")
+        assert eliminate.changed and set(eliminate.report) == case.eliminated  # the removed blocks left no ops
+    if case.grouped_mm_experts:
+        graphs = [g for g in backend.reports[1].gm.modules() if isinstance(g, torch.fx.GraphModule)]
+        assert any("grouped_mm" in str(n.target) for g in graphs for n in g.graph.nodes)
+
+
+@pytest.mark.slow
+def test_compiled_logits_equal_reference(family, ckpt, ref):
+    report = assert_compiled_logits(ckpt, ref, VOCAB)
+    if CASES[family].compiled_without_zeros:
+        assert not [n for n in report.gm.graph.nodes if n.target is torch.zeros_like]
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+def test_exported_decode_matches_reference(family, model, ref, tmp_path):
+    exported = assert_exported_decode(model, ref, VOCAB, tmp_path)
+    if CASES[family].check_export is not None:
+        CASES[family].check_export(exported)
+
+
+# ---- every family at once -----------------------------------------------------------------------
 
 _CHECK = textwrap.dedent(
     """
     import importlib, json, sys, torch, transformers
     import transformers.cache_utils, transformers.masking_utils, transformers.modeling_utils
     assert "hetgraph" not in sys.modules
-    from test_gpt_oss import hetero_config as gpt_oss
-    from test_llama4 import hetero_config as llama4
-    from test_nemotron_h import hetero_config as nemotron_h
+    from support.models import hetero_config
+
+    def gpt_oss(): return hetero_config("gpt_oss")
+    def llama4(): return hetero_config("llama4_text")
+    def nemotron_h(): return hetero_config("nemotron_h")
 
     MODULES = {"gpt_oss": "GptOss", "llama4": "Llama4", "nemotron_h": "NemotronH"}
     owners = [transformers.masking_utils, transformers.cache_utils, transformers.modeling_utils,
@@ -74,12 +256,10 @@ def test_building_and_running_do_not_patch_transformers(tmp_path):
     assert result == {"changes": [], "errors": {}}, result
 
 
-@pytest.mark.parametrize("config", [gpt_oss_config, llama4_config, nemotron_h_config], ids=lambda f: f.__module__)
-def test_inspect_reports_each_layer(config):
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_inspect_reports_each_layer(model_type):
     """Parameter counts come from the LayerSpec table and a skeleton on the meta device: no storage."""
-    import hetgraph
-
-    d = config()
+    d = hetero_config(model_type)
     report = inspect_config(d)
     model = hetgraph.from_config(d)
     layers = model.model.layers

@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hetgraph
-from hetgraph.backend import SPEC_TAG, HetgraphBackend
+from hetgraph.backend import HetgraphBackend
+from hetgraph.contract import SPEC_TAG
 from hetgraph.errors import CheckpointError
 from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE
-from hetgraph.formats import convert as convert_module
-from hetgraph.inspect import inspect_config
+from hetgraph import convert as convert_module
+from hetgraph.inspection import inspect_config
 
 CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=3, vocab_size=96, intermediate_size=64,
               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,

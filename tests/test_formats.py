@@ -1,6 +1,6 @@
 """Other checkpoint layouts: Nemotron-NAS (`block_configs`) and LLM-Drop (drop lists), the "linear"
 block kind they bring, and `convert`. Checkpoints are written here by hand in each format's own
-layout; the oracle is `reference.py`, which reads those layouts itself."""
+layout; the oracle is `references/llama.py`, which reads those layouts itself."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import functools
 import gc
 import json
 import os
+import re
 import weakref
 
 import pytest
@@ -19,27 +20,24 @@ from transformers import LlamaForCausalLM
 from transformers.cache_utils import DummyLayer, StaticLayer
 
 import hetgraph
-from cases import VOCAB, homogeneous_config
-from family_checks import prompts as family_prompts
-from family_checks import read_config
 from hetgraph import HeteroConfigError, formats
 from hetgraph.backend import HetgraphBackend
-from hetgraph.build import model_spec
-from hetgraph.errors import CheckpointError
+from hetgraph.bench.presets import SUPER_49B_CONFIG
 from hetgraph.checkpoint import TensorIndex
+from hetgraph.contract import model_spec
+from hetgraph.errors import CheckpointError
 from hetgraph.cli import main as cli_main
-from hetgraph.formats.convert import convert
-from hetgraph.inspect import inspect_config
+from hetgraph.convert import convert
 from hetgraph.formats.nemotron_nas import ffn_width
-from hetgraph.inspect import inspect_config
+from hetgraph.inspection import inspect_config
 from hetgraph.passes._graph import SDPA, tag
-from reference import load_reference
+from references.llama import load_reference
+from support.checks import ATOL, read_config
+from support.checks import prompts as family_prompts
+from support.models import GREEDY, VOCAB, homogeneous_config
 
-ATOL = 1e-4
-GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-# The real Llama-3.3-Nemotron-Super-49B config.json, in the project's shared folder beside the repository.
-# The real config, as in ../shared/configs/ (a copy is kept in the repository so the test always runs).
-SUPER_49B = os.path.join(os.path.dirname(__file__), "../benchmarks/configs/nemotron-super-49b-v1.config.json")
+# The real Llama-3.3-Nemotron-Super-49B config.json, shipped with the benchmarks' presets.
+SUPER_49B = SUPER_49B_CONFIG
 HIDDEN, HEADS, HEAD_DIM = 64, 4, 16
 
 # ---- a tiny Nemotron-NAS checkpoint with every block kind -----------------------------------------
@@ -554,18 +552,32 @@ def test_llm_drop_merges_with_per_layer_config():
 
 
 def test_renamed_index_reads_the_stored_tensor(tmp_path):
-    save_file({"old.weight": torch.arange(6.0).view(2, 3)}, str(tmp_path / "x.safetensors"))
-    index = formats.RenamedIndex({"new.weight": str(tmp_path / "x.safetensors")}, {"new.weight": (2, 3)},
-                                 stored={"new.weight": "old.weight"})  # fmt: skip
+    save_file({"old.weight": torch.arange(6.0).view(2, 3), "gone": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    index = TensorIndex.open(str(tmp_path)).rename(lambda name: {"old.weight": "new.weight"}.get(name))
+    assert index.shapes == {"new.weight": (2, 3)}
     assert torch.equal(index.load("new.weight"), torch.arange(6.0).view(2, 3))
+
+
+def test_stacked_index_reads_the_parts_in_order_and_only_complete_groups(tmp_path):
+    parts = {f"e.{k}.w": torch.full((2,), float(k)) for k in (1, 0, 2)}
+    save_file({**parts, "f.0.w": torch.zeros(2), "f.2.w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    index = TensorIndex.open(str(tmp_path)).stack(re.compile(r"(?P<m>\w)\.(?P<index>\d+)\.w"), "{m}.w")
+    # e: parts 0..2, stacked in index order; f: 0 and 2 only, so left under their stored names.
+    assert index.shapes == {"e.w": (3, 2), "f.0.w": (2,), "f.2.w": (2,)}
+    assert torch.equal(index.load("e.w"), torch.tensor([[0.0, 0], [1, 1], [2, 2]]))
+    assert index.files["e.w"] == str(tmp_path / "model.safetensors")
+
+
+def test_rename_refuses_two_stored_tensors_on_one_name(tmp_path):
+    save_file({"a.w": torch.zeros(1), "b.w": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="'a.w' and 'b.w' both map to 'w'"):
+        TensorIndex.open(str(tmp_path)).rename(lambda name: "w")
 
 
 # ---- inspect on the real Super-49B config -----------------------------------------------------------
 
 
 def test_inspect_super_49b_bare_config(capsys):
-    if not os.path.exists(SUPER_49B):
-        pytest.skip(f"the real Super-49B config is not at {SUPER_49B}")
     report = inspect_config(SUPER_49B)
     assert report.layout == "nemotron-nas" and len(report.rows) == 80
     no_attention = [r.spec.index for r in report.rows if r.spec.attention == "skip"]

@@ -1,4 +1,4 @@
-"""Property-based tests: random heterogeneous configs of every family (tests/fuzz_configs.py).
+"""Property-based tests: random heterogeneous configs of every family (tests/support/fuzz_configs.py).
 
 Properties: eager == the family's independent reference (logits on a left-padded batch, greedy
 decode with `make_cache`); save/load and `convert` round trips are exact; every invalid draw raises
@@ -19,20 +19,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hetgraph
-from family_checks import ATOL, GREEDY, prompts
-from fuzz_configs import FAMILIES, VOCAB, invalid_variations
 from hetgraph import HeteroConfigError
 from hetgraph.backend import HetgraphBackend
-from hetgraph.formats.convert import convert
-from test_training import _gradients, assert_gradients_equal
+from hetgraph.convert import convert
+from references import gpt_oss, llama, llama4, nemotron_h
+from support.checks import ATOL, assert_gradients_equal, gradients, prompts
+from support.fuzz_configs import FAMILIES, VOCAB, invalid_variations
+from support.models import GREEDY
 
-import reference
-import reference_gpt_oss
-import reference_llama4
-import reference_nemotron_h
-
-REFERENCES = {"llama": reference, "gpt_oss": reference_gpt_oss, "llama4": reference_llama4,
-              "nemotron_h": reference_nemotron_h}
+# Each fuzz family's independent reference (tests/references/).
+REFERENCES = {"llama": llama, "gpt_oss": gpt_oss, "llama4": llama4, "nemotron_h": nemotron_h}
 
 
 def fuzz(prop, strategy, examples: int) -> None:
@@ -128,8 +124,8 @@ def check_compiled(family: str, config: dict, inputs, decode: bool) -> None:
     torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
     model.train()
     params = dict(model.named_parameters())
-    _, want_grads = _gradients(model, model, ids, params)
-    _, got_grads = _gradients(model, compiled, ids, params)
+    _, want_grads = gradients(model, model, ids, params)
+    _, got_grads = gradients(model, compiled, ids, params)
     assert_gradients_equal(got_grads, want_grads)
     model.eval()
     if decode:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hetgraph
-from cases import hetero_config
+from support.models import hetero_config
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,4 +1,4 @@
-"""`hetgraph.inspect` and `python -m hetgraph inspect`, checked against real models built from the same config.
+"""`hetgraph.inspection` and `python -m hetgraph inspect`, checked against real models built from the same config.
 
 The parameter counts are arithmetic on the config; the reference is the numel of the model
 `hetgraph.from_config` builds (and of a stock transformers model for the homogeneous parent).
@@ -16,8 +16,8 @@ import transformers
 
 import hetgraph
 from hetgraph.cli import main
-from hetgraph.inspect import inspect_config
-from cases import FAMILIES, hetero_config, homogeneous_config
+from hetgraph.inspection import inspect_config
+from support.models import LLAMA_FAMILIES, hetero_config, homogeneous_config
 
 # Variants beyond the plain hetero config: biases, tied embeddings, "linear" blocks.
 _EXTRA = {
@@ -39,7 +39,7 @@ def _configs() -> list:
 
 
 def _iter_configs():
-    for family in FAMILIES:
+    for family in LLAMA_FAMILIES:
         for name, extra in _EXTRA.items():
             yield pytest.param(hetero_config(family, **extra), id=f"{family}-{name}")
         yield pytest.param(_with_linear_blocks(hetero_config(family)), id=f"{family}-linear")
@@ -107,7 +107,7 @@ def test_rows_describe_each_layer(config):
 
 
 @pytest.mark.parametrize("dtype, dtype_bytes", [(None, 4), ("bfloat16", 2), ("float16", 2)])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LLAMA_FAMILIES)
 def test_kv_bytes_per_token(family, dtype, dtype_bytes):
     config = hetero_config(family, **({"torch_dtype": dtype} if dtype else {}))
     report = inspect_config(config)
@@ -119,7 +119,7 @@ def test_kv_bytes_per_token(family, dtype, dtype_bytes):
 
 
 @pytest.mark.parametrize("extra", _EXTRA.values(), ids=_EXTRA.keys())
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", LLAMA_FAMILIES)
 def test_parent_equals_stock_model(family, extra):
     report = inspect_config(hetero_config(family, **extra))
     parent = homogeneous_config(family, **extra)

@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import hetgraph
-from capture import capture, copy_graph, outputs
-from cases import hetero_config
-from helpers import assert_ops, count_ops
-from hetgraph.passes import PASSES, attribute_nodes, eliminate_skipped_blocks, select_window_masks, specialize_shapes
+from hetgraph.passes import NO_TABLE, PASSES, run_passes, attribute_nodes, eliminate_skipped_blocks, select_window_masks, specialize_shapes
 from hetgraph.passes._graph import SDPA, is_view, ops_per_layer, tag
+from support.graphs import assert_ops, capture, copy_graph, count_ops, outputs
+from support.models import hetero_config
 
 SDPA_OP = torch._C._nn.scaled_dot_product_attention
 
@@ -191,7 +190,8 @@ def test_passes_on_a_model_hetgraph_did_not_build():
     gm, inputs, ctx = capture(model, torch.randint(0, 128, (1, 6)), use_cache=False)
     assert ctx.spec is None
     code = gm.code
-    for p in PASSES:
-        result = p(gm, ctx)
-        assert not result.changed
-    assert gm.code == code
+    # The runner, not each pass, enforces "no table, no change": no pass runs at all.
+    out, records = run_passes(gm, ctx)
+    assert out is gm and gm.code == code
+    assert [r.name for r in records] == [p.__name__ for p in PASSES]
+    assert all(not r.changed and r.refused == {None: NO_TABLE} for r in records)

@@ -8,8 +8,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations.heterogeneity import AmbiguousGlobalPerLayerAttributeError
 
 import hetgraph
-from family_checks import read_config
 from hetgraph.stock_guard import GUARD, SWITCH
+from support.checks import read_config
 
 _BASE = dict(model_type="llama", hidden_size=64, num_hidden_layers=4, vocab_size=128, intermediate_size=128,
              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -72,7 +72,7 @@ def test_guard_names_what_stock_would_ignore(tmp_path):
 
 
 def test_converted_checkpoint_is_guarded_too(tmp_path):
-    from hetgraph.formats.convert import convert
+    from hetgraph.convert import convert
 
     _saved(tmp_path / "src", {1: {"skip": ["attention"]}})
     convert(str(tmp_path / "src"), str(tmp_path / "dst"), progress=False)

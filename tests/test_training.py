@@ -14,12 +14,12 @@ import torch
 import torch.fx as fx
 
 import hetgraph
-from family_checks import prompts
 from hetgraph.backend import HetgraphBackend
 from hetgraph.passes import PassContext
 from hetgraph.passes.group_layer_variants import GRAD_REFUSAL, group_layer_variants
+from support.checks import assert_gradients_equal, gradients, prompts
+from support.models import VOCAB
 
-VOCAB = 128
 _SMALL = dict(hidden_size=64, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, tie_word_embeddings=False)
 
@@ -54,26 +54,11 @@ TRAIN_CONFIGS = {
 }
 
 
-def _gradients(model, forward, ids, params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = forward(ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
-
-
-def assert_gradients_equal(got: dict, want: dict) -> None:
-    """1e-4 relative per tensor, plus 1e-7 absolute: a router's gradient can cancel to ~1e-10."""
-    assert got.keys() == want.keys()
-    for name, g in want.items():
-        diff, scale = (got[name] - g).norm().item(), g.norm().item()
-        assert diff <= 1e-4 * scale + 1e-7, f"{name}: gradient off by {diff:.3g} (norm {scale:.3g})"
-
-
 def assert_trains_like_eager(model, ids, trainable) -> None:
     """Compiled loss and gradients equal eager's; the graph would share a variant without gradients."""
-    loss, want = _gradients(model, model, ids, trainable)
+    loss, want = gradients(model, model, ids, trainable)
     backend = HetgraphBackend()
-    got_loss, got = _gradients(model, torch.compile(model, backend=backend), ids, trainable)
+    got_loss, got = gradients(model, torch.compile(model, backend=backend), ids, trainable)
     torch.testing.assert_close(got_loss, loss, atol=1e-5, rtol=1e-5)
     assert_gradients_equal(got, want)
     (graph,) = backend.reports

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 import hetgraph
-from capture import capture, copy_graph, outputs
-from cases import homogeneous_config
-from helpers import count_ops
 from hetgraph.backend import HetgraphBackend
 from hetgraph.passes import PASSES, group_layer_variants, run_passes
-from reference import load_reference
+from references.llama import load_reference
+from support.graphs import capture, copy_graph, count_ops, outputs
+from support.models import GREEDY, homogeneous_config
 
 INVOKE = torch.ops.higher_order.invoke_subgraph
 PATTERN = [{}, {"skip": ["attention"], "intermediate_size": 96}, {"intermediate_size": 160, "sliding_window": 4}]
@@ -120,11 +119,10 @@ def test_decode_with_shared_variants_two_graphs(checkpoint):
     backend = HetgraphBackend()
     model.forward = torch.compile(model.forward, backend=backend, fullgraph=True)
     cache = hetgraph.make_cache(model, batch_size=2, max_cache_len=ids.shape[1] + new)
-    gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=2, **gen)
+    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=2, **GREEDY)
     cache.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=new, **gen)
+        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=new, **GREEDY)
     assert torch.equal(out, expected)
     assert len(backend.reports) == 2
     for report in backend.reports:

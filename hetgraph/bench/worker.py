@@ -26,7 +26,8 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _median_ms(call, repeats: int) -> float:
+def median_ms(call, repeats: int) -> float:
+    """Median wall time of `call()` over `repeats` runs, in milliseconds."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -77,14 +78,14 @@ def run_worker(job: dict) -> dict:
         result["compile_decode_s"] = time.perf_counter() - start
         prefill(long)  # compiles the long-prompt graph
         for name, ids in (("prefill_short_ms", short), ("prefill_long_ms", long)):
-            result[name] = _median_ms(lambda: prefill(ids), job["timing_repeats"])
+            result[name] = median_ms(lambda: prefill(ids), job["timing_repeats"])
         token = prefill(short).argmax(-1, keepdim=True)
 
         def decode():
             nonlocal token
             token = step(token).argmax(-1, keepdim=True)
 
-        result["decode_ms_per_token"] = _median_ms(decode, preset.decode_tokens - 1)
+        result["decode_ms_per_token"] = median_ms(decode, preset.decode_tokens - 1)
     result["graphs_compiled"] = counters["stats"].get("unique_graphs", 0)
     result["peak_rss_mb"] = _rss_mb()
     if device == "cuda":

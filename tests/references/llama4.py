@@ -1,7 +1,7 @@
 """Plain reference implementation of (heterogeneous) Llama4 text decoders (`Llama4ForCausalLM`).
 
 Independent of ``transformers`` modeling code and of ``hetgraph``: torch, safetensors and the
-standard library only (plus the shared math helpers of ``reference.py``, which obey the same rule).
+standard library only (plus the shared math helpers of ``references/llama.py``, which obey the same rule).
 It reads ``config.json`` and the safetensors files and writes the math out: RMSNorm; attention with
 RoPE applied to adjacent (even, odd) pairs, parameter-free L2 norm of q and k on RoPE layers, query
 temperature tuning on NoPE layers, chunked attention on RoPE layers; a dense SwiGLU MLP, or a MoE
@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from reference import per_layer_entries, allowed_keys, inv_freq, _load_tensors, positions_from_mask, ReferenceModel, _rope_parameters
+from .llama import per_layer_entries, allowed_keys, inv_freq, _load_tensors, positions_from_mask, ReferenceModel, _rope_parameters
 
 LAYER_ATTRS = (
     "intermediate_size",

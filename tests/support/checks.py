@@ -1,49 +1,22 @@
-"""Checks every model family runs against its own plain-PyTorch reference (tests/reference_<family>.py).
-
-Each `test_<family>.py` builds its tiny heterogeneous checkpoint and calls these with its reference;
-the assertions are the same for every family, so they live here once.
+"""Checks a model runs against its independent plain-PyTorch reference (tests/references/), the same
+for every family, written once: logits, greedy decoding (cached, uncached, compiled, exported), save/load
+round trips; the prompts they use; and compiled-versus-eager gradients.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
-import pytest
 import torch
 from transformers.cache_utils import DummyLayer
 
 import hetgraph
-from reference import per_layer_entries
 from hetgraph.backend import HetgraphBackend
+from references.llama import per_layer_entries
+from support.models import GREEDY
 
 ATOL = 1e-4
-
-
-def family_fixtures(config: dict, load_reference):
-    """`hetero_config(**overrides)` and the module-scoped `ckpt` / `model` / `ref` fixtures of a family's tests."""
-
-    def hetero_config(**overrides) -> dict:
-        d = copy.deepcopy(config)
-        d.update(overrides)
-        return d
-
-    @pytest.fixture(scope="module")
-    def ckpt(checkpoint):
-        return checkpoint(hetero_config())
-
-    @pytest.fixture(scope="module")
-    def model(ckpt):
-        return hetgraph.from_pretrained(ckpt)
-
-    @pytest.fixture(scope="module")
-    def ref(ckpt):
-        return load_reference(ckpt)
-
-    return hetero_config, ckpt, model, ref
-# The references never stop at EOS; neither may generate.
-GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
 
 def prompts(vocab: int, batch=2, length=12, pad=(0, 4), seed=0):
@@ -81,12 +54,12 @@ def assert_greedy_matches(model, ref, ids, mask, new: int, cache: str):
     return out
 
 
-
 def assert_uncached_greedy_matches(model, ref, vocab: int, new: int = 12):
     """`generate` without a cache (each step recomputes the whole prefix) equals the reference."""
     ids, _ = prompts(vocab, batch=1, length=5, pad=(0,))
     out = model.generate(ids, max_new_tokens=new, use_cache=False, **GREEDY)
     assert torch.equal(out, ref.greedy(ids, new))
+
 
 def assert_stateless_layers_hold_dummies(model, cache):
     """Layers without attention (or mamba state) hold a `DummyLayer`, whichever cache generate used."""
@@ -195,3 +168,19 @@ def assert_exported_decode(model, ref, vocab: int, path, new: int = 10):
         k: (tuple(v.shape), v.dtype) for k, v in expected.items()
     }
     return exported
+
+
+def gradients(model, forward, ids, params) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of `forward(ids, labels=ids)` and the gradients it leaves on `params` (name -> parameter)."""
+    model.zero_grad(set_to_none=True)
+    loss = forward(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+
+def assert_gradients_equal(got: dict, want: dict) -> None:
+    """1e-4 relative per tensor, plus 1e-7 absolute: a router's gradient can cancel to ~1e-10."""
+    assert got.keys() == want.keys()
+    for name, g in want.items():
+        diff, scale = (got[name] - g).norm().item(), g.norm().item()
+        assert diff <= 1e-4 * scale + 1e-7, f"{name}: gradient off by {diff:.3g} (norm {scale:.3g})"

@@ -1,7 +1,7 @@
 """Plain reference implementation of (heterogeneous) GptOss decoders.
 
 Independent of ``transformers`` modeling code and of ``hetgraph``: torch, safetensors and the
-standard library only (plus the shared math helpers of ``reference.py``, which obey the same rule).
+standard library only (plus the shared math helpers of ``references/llama.py``, which obey the same rule).
 It reads ``config.json`` and the safetensors files of a checkpoint directory and writes the math
 out: RMSNorm, attention with per-head sink logits and optional sliding window, YaRN RoPE per
 head_dim, and the top-k mixture of clamped-SwiGLU experts with biases.
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from reference import per_layer_entries, allowed_keys, _load_tensors, positions_from_mask, ReferenceModel
+from .llama import per_layer_entries, allowed_keys, _load_tensors, positions_from_mask, ReferenceModel
 
 ALIASES = {"num_experts": "num_local_experts"}
 LAYER_ATTRS = (

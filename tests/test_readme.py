@@ -1,0 +1,40 @@
+"""The README's Python snippets, run as written, in order, in one namespace.
+
+The snippets leave `input_ids` (and `max_new_tokens`) to the reader; the test supplies them. Slow:
+the snippets compile for generation and write AOTInductor packages (`bash scripts/test.sh -m slow`).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+import torch
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def test_the_readme_has_the_snippets_this_test_runs():
+    blocks = python_blocks(README.read_text())
+    assert len(blocks) >= 3
+    assert "hetgraph.from_config(config)" in blocks[0] and 'hetgraph.export(model, "model.pt2"' in blocks[1]
+
+
+@pytest.mark.slow
+def test_readme_snippets_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the snippets write ckpt/, model.pt2 and out/ where they run
+    torch.manual_seed(0)
+    namespace = {"input_ids": torch.randint(0, 2048, (1, 8)), "max_new_tokens": 6}
+    for block in python_blocks(README.read_text()):
+        exec(compile(block, str(README), "exec"), namespace)
+    assert (tmp_path / "model.pt2").is_file() and torch.export.load("model.pt2") is not None
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"prefill.pt2", "decode.pt2", "prefill.aoti.pt2"}
+    model, input_ids = namespace["model"], namespace["input_ids"]
+    # The last snippet's loop equals greedy generate, as its comment says.
+    expected = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(namespace["ids"], expected)

@@ -1,11 +1,12 @@
 """hetgraph: heterogeneous transformer models on stock transformers classes, and a torch.compile backend."""
 
-from hetgraph.backend import BackendOptions, register as _register_backend
+from hetgraph import export  # the module, callable: hetgraph.export(model, path) and hetgraph.export.read_metadata
+from hetgraph.backend import BackendOptions
+from hetgraph.backend import register as _register_backend
 from hetgraph.build import from_config, from_pretrained
 from hetgraph.cache import make_cache
-from hetgraph.explain import explain
-from hetgraph import export  # the module, callable: hetgraph.export(model, path) and hetgraph.export.read_metadata
 from hetgraph.errors import HeteroConfigError
+from hetgraph.explain import explain
 from hetgraph.runtime import generate_with_exported
 from hetgraph.spec import LayerSpec, ModelSpec
 

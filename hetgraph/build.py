@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import types
-from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -24,7 +23,7 @@ from hetgraph import attention, stock_guard
 from hetgraph.arch import FamilyAdapter
 from hetgraph.checkpoint import check_tensors
 from hetgraph.configs import normalize_config
-from hetgraph.contract import attach, model_spec
+from hetgraph.contract import attach
 from hetgraph.errors import HeteroConfigError
 from hetgraph.loading import open_checkpoint
 from hetgraph.spec import FULL, LINEAR, NONE, SKIP, ModelSpec

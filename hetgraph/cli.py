@@ -58,7 +58,8 @@ def demo(args: argparse.Namespace) -> int:
 
 def convert(args: argparse.Namespace) -> int:
     """Rewrite a checkpoint (Nemotron-NAS, LLM-Drop or per-layer) into the per_layer_config layout, tensor by tensor."""
-    from hetgraph.convert import convert as convert_checkpoint, parse_size
+    from hetgraph.convert import convert as convert_checkpoint
+    from hetgraph.convert import parse_size
 
     try:
         max_shard_size = parse_size(args.max_shard_size)

@@ -9,7 +9,7 @@ layer, the attribute, the value and what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from transformers import PreTrainedConfig
 

@@ -10,7 +10,7 @@ import hetgraph
 from hetgraph.bench import presets
 from hetgraph.bench.driver import exception_line
 from hetgraph.bench.roofline import streamed_weight_bytes
-from hetgraph.build import normalize_config
+from hetgraph.configs import normalize_config
 from hetgraph.spec import ModelSpec
 from support.models import GPT_OSS, NEMOTRON_H
 

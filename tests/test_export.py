@@ -25,9 +25,10 @@ from hetgraph.export.trace import _trace, specialize
 from hetgraph.export.wrappers import _Logits
 from hetgraph.passes import EXPORT, passes_for
 from hetgraph.runtime import FORMAT_VERSION, generate_with_exported, read_metadata
-from support.fresh_python import run_python
 from support.fixtures import model_fixtures
-from support.models import GREEDY, LLAMA_FAMILIES as FAMILIES, VOCAB, hetero_config
+from support.fresh_python import run_python
+from support.models import GREEDY, VOCAB, hetero_config
+from support.models import LLAMA_FAMILIES as FAMILIES
 
 BATCH, PROMPT, NEW, CACHE = 2, 6, 14, 24
 SDPA = torch.ops.aten.scaled_dot_product_attention.default

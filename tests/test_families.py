@@ -19,6 +19,7 @@ import torch
 
 import hetgraph
 from hetgraph import HeteroConfigError
+from hetgraph.contract import model_spec
 from hetgraph.export import generate_with_exported, read_metadata
 from hetgraph.inspection import inspect_config
 from support.checks import (
@@ -269,6 +270,6 @@ def test_inspect_reports_each_layer(model_type):
     embeddings = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.layers."))
     assert report.totals.parameters == sum(p.numel() for p in model.parameters())
     assert report.other_parameters == embeddings
-    assert report.totals.kv_bytes_per_token == sum(s.kv_bytes_per_token(4) for s in hetgraph.build.model_spec(model))
+    assert report.totals.kv_bytes_per_token == sum(s.kv_bytes_per_token(4) for s in model_spec(model))
     assert report.parent.parameters > report.totals.parameters
     assert "layer" in report.to_text()

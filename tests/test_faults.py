@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hetgraph
-from hetgraph.backend import HetgraphBackend
-from hetgraph.contract import SPEC_TAG
-from hetgraph.errors import CheckpointError
-from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE
 from hetgraph import convert as convert_module
+from hetgraph.backend import HetgraphBackend
+from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE
+from hetgraph.contract import SPEC_TAG, model_spec
+from hetgraph.errors import CheckpointError
 from hetgraph.inspection import inspect_config
 
 CONFIG = dict(model_type="llama", hidden_size=64, num_hidden_layers=3, vocab_size=96, intermediate_size=64,
@@ -203,8 +203,8 @@ def test_two_models_compiled_in_one_process_do_not_share_state(saved):
         again = torch.compile(first, backend=a)(IDS).logits
     for g, want in zip(got + [again], alone + alone[:1]):
         torch.testing.assert_close(g, want, atol=1e-5, rtol=0)
-    assert a.reports[0].spec == hetgraph.build.model_spec(first)
-    assert b.reports[0].spec == hetgraph.build.model_spec(second)
+    assert a.reports[0].spec == model_spec(first)
+    assert b.reports[0].spec == model_spec(second)
 
 
 def test_load_state_dict_assign_keeps_the_model_specialized(saved):

@@ -4,7 +4,6 @@ layout; the oracle is `references/llama.py`, which reads those layouts itself.""
 
 from __future__ import annotations
 
-import copy
 import functools
 import gc
 import json
@@ -24,10 +23,10 @@ from hetgraph import HeteroConfigError, formats
 from hetgraph.backend import HetgraphBackend
 from hetgraph.bench.presets import SUPER_49B_CONFIG
 from hetgraph.checkpoint import TensorIndex
-from hetgraph.contract import model_spec
-from hetgraph.errors import CheckpointError
 from hetgraph.cli import main as cli_main
+from hetgraph.contract import model_spec
 from hetgraph.convert import convert
+from hetgraph.errors import CheckpointError
 from hetgraph.formats.nemotron_nas import ffn_width
 from hetgraph.inspection import inspect_config
 from hetgraph.passes._graph import SDPA, tag
@@ -630,7 +629,7 @@ def test_other_block_configs_layouts_are_named_not_taken_for_nemotron_nas(model_
 
 
 def test_nemotron_nas_is_detected_by_model_type_or_architecture():
-    from hetgraph import HeteroConfigError, formats
+    from hetgraph import formats
 
     d = nemotron_config()
     assert formats.detect(d).name == "nemotron-nas"

@@ -12,6 +12,7 @@ import transformers
 import hetgraph
 from hetgraph import HeteroConfigError
 from hetgraph.build import SkippedBlock, SkippedNorm
+from hetgraph.contract import model_spec
 from references.llama import per_layer_entries
 from support.checks import read_config
 from support.fixtures import model_fixtures
@@ -26,7 +27,7 @@ family, ckpt, model, ref = model_fixtures("gpt_oss")
 
 
 def test_spec_follows_config(model):
-    spec = hetgraph.build.model_spec(model)
+    spec = model_spec(model)
     assert [s.window for s in spec] == [None, ("sliding", 3), ("sliding", 5), ("full", None)]
     # The global layer_types follow the per-layer windows, so the stock layers and caches agree.
     assert model.config.layer_types == ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
@@ -85,6 +86,6 @@ def test_layer_types_follow_per_layer_windows():
     d = hetero_config(per_layer_config={0: {"sliding_window": None}, 3: {"sliding_window": 2}})
     model = hetgraph.from_config(d)
     assert model.config.layer_types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
-    assert [s.window for s in hetgraph.build.model_spec(model)] == [
+    assert [s.window for s in model_spec(model)] == [
         ("full", None), ("full", None), ("sliding", 5), ("sliding", 2)
     ]

@@ -11,10 +11,12 @@ import transformers
 
 import hetgraph
 from hetgraph.build import SkippedBlock, SkippedNorm
+from hetgraph.contract import model_spec
 from references.llama4 import load_reference
 from support.checks import assert_compiled_decode, assert_greedy_matches, assert_logits_match, prompts
 from support.fixtures import model_fixtures
-from support.models import VOCAB, hetero_config as _hetero_config
+from support.models import VOCAB
+from support.models import hetero_config as _hetero_config
 
 hetero_config = functools.partial(_hetero_config, "llama4_text")
 
@@ -25,7 +27,7 @@ family, ckpt, model, ref = model_fixtures("llama4_text")
 
 
 def test_spec_follows_config(model):
-    spec = hetgraph.build.model_spec(model)
+    spec = model_spec(model)
     assert [s.window for s in spec] == [None, ("chunked", 3), ("chunked", 4), ("full", None)]
     assert model.config.layer_types == ["chunked_attention", "chunked_attention", "chunked_attention", "full_attention"]
     assert [s.intermediate_size for s in spec] == [48, 24, None, 32]
@@ -72,7 +74,7 @@ def test_layer_types_follow_per_layer_chunks():
     config = hetero_config(attention_chunk_size=None, per_layer_config={2: {"attention_chunk_size": 5}})
     model = hetgraph.from_config(config)
     assert model.config.layer_types == ["full_attention", "full_attention", "chunked_attention", "full_attention"]
-    assert [s.window for s in hetgraph.build.model_spec(model)] == [
+    assert [s.window for s in model_spec(model)] == [
         ("full", None), ("full", None), ("chunked", 5), ("full", None)
     ]
 

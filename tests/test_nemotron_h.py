@@ -13,10 +13,12 @@ from transformers.cache_utils import DummyLayer, LinearAttentionLayer, StaticLay
 
 import hetgraph
 from hetgraph.build import SkippedLayer
+from hetgraph.contract import model_spec
 from references.nemotron_h import load_reference
 from support.checks import assert_greedy_matches, assert_logits_match, prompts, read_config
 from support.fixtures import model_fixtures
-from support.models import VOCAB, hetero_config as _hetero_config
+from support.models import VOCAB
+from support.models import hetero_config as _hetero_config
 
 hetero_config = functools.partial(_hetero_config, "nemotron_h")
 
@@ -27,7 +29,7 @@ family, ckpt, model, ref = model_fixtures("nemotron_h")
 
 
 def test_spec_follows_config(model):
-    spec = hetgraph.build.model_spec(model)
+    spec = model_spec(model)
     assert [s.mixer_type for s in spec] == ["attention", "mamba", "moe", "attention", "mlp", "mamba"]
     assert [s.mixer for s in spec] == ["skip", "full", "full", "full", "full", "full"]
     assert [s.window for s in spec] == [None, None, None, ("full", None), None, None]

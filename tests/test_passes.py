@@ -9,7 +9,15 @@ import pytest
 import torch
 
 import hetgraph
-from hetgraph.passes import NO_TABLE, PASSES, run_passes, attribute_nodes, eliminate_skipped_blocks, select_window_masks, specialize_shapes
+from hetgraph.passes import (
+    NO_TABLE,
+    PASSES,
+    attribute_nodes,
+    eliminate_skipped_blocks,
+    run_passes,
+    select_window_masks,
+    specialize_shapes,
+)
 from hetgraph.passes._graph import SDPA, is_view, ops_per_layer, tag
 from support.graphs import assert_ops, capture, copy_graph, count_ops, outputs
 from support.models import hetero_config

@@ -7,12 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
 import hetgraph
 from hetgraph.backend import HetgraphBackend
-from hetgraph.passes import PASSES, group_layer_variants, run_passes
+from hetgraph.passes import group_layer_variants, run_passes
 from references.llama import load_reference
 from support.graphs import capture, copy_graph, count_ops, outputs
 from support.models import GREEDY, homogeneous_config

@@ -101,6 +101,9 @@ class FamilyAdapter:
     moe_layers: str | None = None
     moe_attributes: tuple[str, ...] = ()
     mlp_width: str = "intermediate_size"
+    # The submodule of a MoE layer holding its merged routed experts ([experts, ...] tensors); the
+    # router and shared experts sit beside it (a batch-1 decode step reads top-k of its experts).
+    routed_experts: str = "experts"
     moe_width: str | None = "intermediate_size"
     # Single-mixer families (NemotronH): the global list of block types, and for each type its mixer
     # kind ("attention" / "mamba" / "mlp" / "moe") and the `skip` name that also removes it.

@@ -23,7 +23,6 @@ from hetgraph.bench.presets import BY_DEPTH, PRESETS, Preset, make_preset
 from hetgraph.bench.roofline import memory_bandwidth_gbs, streamed_weight_bytes
 from hetgraph.bench.worker import ENGINES, run_worker
 
-
 __all__ = ["main", "make_preset", "memory_bandwidth_gbs", "run_preset", "streamed_weight_bytes", "Preset", "PRESETS"]
 
 

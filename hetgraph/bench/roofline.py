@@ -14,12 +14,9 @@ from torch import nn
 from transformers import StaticCache
 
 from hetgraph.bench.presets import Preset
-from hetgraph.build import build_skeleton, model_spec
+from hetgraph.build import build_skeleton
 from hetgraph.cache import ideal_kv_bytes
-
-# transformers' name for the submodule holding a MoE layer's merged routed experts ([experts, ...]
-# tensors); its router and shared experts sit beside it and are read in full.
-_ROUTED_EXPERTS = "experts"
+from hetgraph.contract import model_spec
 
 
 def synchronize(device: str) -> None:
@@ -62,12 +59,13 @@ def _routed_fractions(model: nn.Module) -> dict[int, tuple[int, int]]:
         if top_k is None:
             continue
         experts = sizes[spec.adapter.moe_attributes[0]]
-        module = next((m for name, m in layer.named_modules() if name.rpartition(".")[2] == _ROUTED_EXPERTS), None)
+        routed = spec.adapter.routed_experts
+        module = next((m for name, m in layer.named_modules() if name.rpartition(".")[2] == routed), None)
         params = list(module.named_parameters()) if module is not None else []
         if not params or any(p.shape[0] != experts for _, p in params):
             shapes = {name: tuple(p.shape) for name, p in params}
             raise ValueError(
-                f"layer {s.index}: expected a '{_ROUTED_EXPERTS}' submodule of [{experts}, ...] tensors "
+                f"layer {s.index}: expected a '{routed}' submodule of [{experts}, ...] tensors "
                 f"({spec.adapter.moe_attributes[0]}={experts}); found {shapes or 'none'}"
             )
         fractions.update({id(p): (top_k, experts) for _, p in params})

@@ -40,6 +40,7 @@ trace), `trace` (torch.export + passes), `write` (files), `listing` (per-layer o
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 
@@ -72,3 +73,4 @@ class _CallableModule(types.ModuleType):
 # (`hetgraph.export(model, path)`): a module subclass may define __call__ (Python data model,
 # "Customizing module attribute access").
 sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(export)  # what `help` and IDEs show for `hetgraph.export(...)`

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .llama import per_layer_entries, allowed_keys, _load_tensors, positions_from_mask, ReferenceModel
+from .llama import ReferenceModel, _load_tensors, allowed_keys, per_layer_entries, positions_from_mask
 
 ALIASES = {"num_experts": "num_local_experts"}
 LAYER_ATTRS = (

@@ -20,7 +20,15 @@ import os
 
 import torch
 
-from .llama import per_layer_entries, allowed_keys, inv_freq, _load_tensors, positions_from_mask, ReferenceModel, _rope_parameters
+from .llama import (
+    ReferenceModel,
+    _load_tensors,
+    _rope_parameters,
+    allowed_keys,
+    inv_freq,
+    per_layer_entries,
+    positions_from_mask,
+)
 
 LAYER_ATTRS = (
     "intermediate_size",

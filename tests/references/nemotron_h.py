@@ -30,7 +30,7 @@ import os
 import torch
 from torch.nn import functional as F
 
-from .llama import per_layer_entries, _load_tensors, ReferenceModel
+from .llama import ReferenceModel, _load_tensors, per_layer_entries
 
 ALIASES = {"num_local_experts": "n_routed_experts", "layer_types": "layers_block_type"}
 LAYER_ATTRS = (

@@ -13,6 +13,7 @@ from transformers.cache_utils import DummyLayer
 
 import hetgraph
 from hetgraph.backend import HetgraphBackend
+from hetgraph.contract import model_spec
 from references.llama import per_layer_entries
 from support.models import GREEDY
 
@@ -63,7 +64,7 @@ def assert_uncached_greedy_matches(model, ref, vocab: int, new: int = 12):
 
 def assert_stateless_layers_hold_dummies(model, cache):
     """Layers without attention (or mamba state) hold a `DummyLayer`, whichever cache generate used."""
-    spec = hetgraph.build.model_spec(model)
+    spec = model_spec(model)
     for s in spec:
         if not s.has_attention and not s.has_mamba:
             assert isinstance(cache.layers[s.index], DummyLayer), (s.index, type(cache.layers[s.index]).__name__)
@@ -78,7 +79,7 @@ def assert_save_load_round_trip(model, ckpt, tmp_path, vocab: int, expected_per_
         assert entries[i] == over, f"layer {i}"
     reloaded = hetgraph.from_pretrained(str(tmp_path))
     assert type(reloaded) is type(model)
-    assert hetgraph.build.model_spec(reloaded) == hetgraph.build.model_spec(model)
+    assert model_spec(reloaded) == model_spec(model)
     ids, mask = prompts(vocab, pad=(0, 3))
     with torch.no_grad():
         torch.testing.assert_close(

@@ -7,6 +7,7 @@ from hetgraph.build import from_config, from_pretrained
 from hetgraph.cache import make_cache
 from hetgraph.errors import HeteroConfigError
 from hetgraph.explain import explain
+from hetgraph.profiling import LatencyTable, profile, profile_variants
 from hetgraph.runtime import generate_with_exported
 from hetgraph.spec import LayerSpec, ModelSpec
 
@@ -17,6 +18,9 @@ __all__ = [
     "explain",
     "export",
     "generate_with_exported",
+    "profile",
+    "profile_variants",
+    "LatencyTable",
     "BackendOptions",
     "HeteroConfigError",
     "LayerSpec",

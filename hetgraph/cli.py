@@ -118,6 +118,35 @@ def show_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def profile(args: argparse.Namespace) -> int:
+    """Per-variant layer latencies (prefill and decode) of a model or of candidate layers: table.json, table.md, a plot."""
+    import torch
+
+    from hetgraph import profiling
+    from hetgraph.loading import open_checkpoint
+
+    config = open_checkpoint(args.path, weights=False).config
+    shapes = dict(prompt_len=args.prompt_len, context_len=args.context_len, batch_size=args.batch_size,
+                  repeats=args.repeats, backend=args.backend, device=args.device, progress=True)  # fmt: skip
+    dtype = getattr(torch, args.dtype)
+    if args.variants:
+        with open(args.variants) as f:
+            variants = json.load(f)
+        table = profiling.profile_variants(config, variants, dtype=dtype, **shapes)
+    else:
+        from hetgraph.build import from_config
+
+        table = profiling.profile(from_config(config, dtype=dtype, device=args.device), **shapes)
+    os.makedirs(args.out, exist_ok=True)
+    table.save(os.path.join(args.out, "table.json"))
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table.to_markdown())
+    plot = profiling.plot(table, os.path.join(args.out, "table.png"))
+    print(table.to_markdown())
+    print(f"wrote {args.out}/table.json, table.md" + (", table.png" if plot else " (no plot: matplotlib missing)"))
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     """Benchmarks: eager vs Inductor vs hetgraph on heterogeneity presets (`bench --help` for options)."""
     from hetgraph.bench import main as bench_main
@@ -168,6 +197,22 @@ COMMANDS: tuple[Command, ...] = (
             _arg("--batch-size", type=int, default=1, help="batch the programs serve (default 1)"),
             _arg("--max-cache-len", type=int, help="positions a full-attention layer holds (needed with --decode)"),
             _arg("--prompt-len", type=int, default=8, help="traced prompt length (default 8; any up to the maximum is served, exactly this one with mamba layers)"),
+        ),
+    ),
+    Command(
+        "profile",
+        profile,
+        (
+            _arg("path", help="checkpoint directory or config.json (the model, or with --variants the parent)"),
+            _arg("--out", required=True, help="directory for table.json, table.md and table.png"),
+            _arg("--variants", help="JSON list of per-layer overrides to time against the parent (profile_variants)"),
+            _arg("--prompt-len", type=int, default=512, help="prefill tokens (default 512)"),
+            _arg("--context-len", type=int, default=1024, help="history of a decode step (default 1024)"),
+            _arg("--batch-size", type=int, default=1, help="batch (default 1)"),
+            _arg("--repeats", type=int, default=5, help="timed repeats per model and phase (default 5)"),
+            _arg("--backend", default="hetgraph", help="torch.compile backend, or none for eager (default hetgraph)"),
+            _arg("--dtype", default="float32", help="parameter dtype (default float32)"),
+            _arg("--device", default="cpu", help="device (default cpu)"),
         ),
     ),
     Command("bench", bench, (_arg("bench_args", nargs=argparse.REMAINDER, help="options of benchmarks/run.py"),)),

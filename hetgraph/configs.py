@@ -9,7 +9,7 @@ window type there. A config object gets the same retyping, on hetgraph's own cop
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from transformers import CONFIG_MAPPING, PreTrainedConfig
 
@@ -17,7 +17,7 @@ from hetgraph import formats
 from hetgraph.arch import FamilyAdapter, adapter_for
 from hetgraph.errors import HeteroConfigError
 from hetgraph.overrides import validate_overrides
-from hetgraph.spec import global_list
+from hetgraph.spec import ModelSpec, global_list
 from hetgraph.stock_guard import strip_guard
 
 
@@ -149,3 +149,37 @@ def _retyped_copy(config: PreTrainedConfig) -> PreTrainedConfig:
     if retyped != list(layer_types):
         config.layer_types = retyped
     return config
+
+
+def model_config_dict(config: PreTrainedConfig) -> dict:
+    """The config.json dict of a config object, as hetgraph reads it back (no stock guard or switch)."""
+    d = strip_guard(config.to_dict())
+    d.pop("allow_global_per_layer_attribute_access", None)
+    d.pop("transformers_version", None)
+    return d
+
+
+def select_layers(config_dict: Mapping[str, Any], layers: Sequence[int]) -> dict:
+    """The per-layer config.json dict of a model whose layer j is layer `layers[j]` of `config_dict`.
+
+    `per_layer_config` and the family's per-layer global lists (`layer_types`, NoPE, MoE and block
+    type lists) are re-indexed; layers may repeat. What profiling and layer cuts are built from.
+    """
+    d = copy.deepcopy(dict(config_dict))
+    adapter = adapter_for(d.get("model_type"))
+    num_layers = len(ModelSpec.from_config(config_from_per_layer(d)))
+    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < num_layers]
+    if bad or not layers:
+        raise HeteroConfigError(f"select_layers: layers {bad or list(layers)} are invalid; allowed: 0 to {num_layers - 1}")
+    per_layer = {int(k): v for k, v in (d.get("per_layer_config") or {}).items()}
+    d["per_layer_config"] = {j: copy.deepcopy(per_layer[i]) for j, i in enumerate(layers) if i in per_layer}
+    lists = [adapter.rope_layers, adapter.mixer_list, "layer_types" if adapter.has_layer_types else None]
+    for name in filter(None, lists):
+        if d.get(name) is not None:
+            d[name] = [d[name][i] for i in layers]
+    if adapter.moe_layers not in (None, "*") and d.get(adapter.moe_layers) is not None:
+        moe = set(d[adapter.moe_layers])
+        d[adapter.moe_layers] = [j for j, i in enumerate(layers) if i in moe]
+    if d.get("num_hidden_layers") is not None or adapter.mixer_list is None:
+        d["num_hidden_layers"] = len(layers)
+    return d

@@ -71,7 +71,11 @@ def config_layers(config: dict) -> list[dict]:
     return layers
 
 
-family, ckpt, model, ref = model_fixtures(FAMILIES)
+# Llama (full, sliding and chunked layers) and Mistral (its own window handling) by default; Qwen2
+# and Qwen3 build on the same code and run with -m slow.
+family, ckpt, model, ref = model_fixtures(
+    [f if f in ("llama", "mistral") else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+)
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +307,7 @@ def test_hetgraph_export_is_the_function_and_the_module():
     ))
 
 
+@pytest.mark.slow
 def test_package_runs_like_the_program(llama, tmp_path):
     """The one AOTInductor compile of the default suite: the plain prefill program."""
     model, _, _, _ = llama

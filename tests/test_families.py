@@ -187,6 +187,13 @@ def test_compiled_logits_equal_reference(family, ckpt, ref):
 # ---- export -------------------------------------------------------------------------------------
 
 
+# Export is checked on every family in the slow run; by default on NemotronH, whose mamba states
+# are the state the Llama families' tests (tests/test_export.py) do not cover.
+@pytest.mark.parametrize(
+    "family",
+    [pytest.param("gpt_oss", marks=pytest.mark.slow), pytest.param("llama4_text", marks=pytest.mark.slow), "nemotron_h"],
+    scope="module",
+)
 def test_exported_decode_matches_reference(family, model, ref, tmp_path):
     exported = assert_exported_decode(model, ref, VOCAB, tmp_path)
     if CASES[family].check_export is not None:

@@ -285,6 +285,7 @@ def test_save_pretrained_writes_per_layer_config_that_reloads_identically(nemotr
     assert_logits_match(got, load_reference(str(tmp_path)).logits(ids, mask), mask)
 
 
+@pytest.mark.slow
 def test_convert_round_trip_sharded_one_tensor_at_a_time(nemotron_ckpt, nemotron, tmp_path, monkeypatch):
     alive: list[weakref.ref] = []
     original = TensorIndex.load

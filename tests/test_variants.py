@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import hetgraph
@@ -85,6 +86,7 @@ def test_layers_that_look_alike_but_differ_are_not_shared():
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_many_variants_beyond_the_recompile_limit():
     layers = 40
     config = homogeneous_config(
@@ -128,6 +130,7 @@ def test_decode_with_shared_variants_two_graphs(checkpoint):
         assert count_ops(report.gm, INVOKE) == 6
 
 
+@pytest.mark.slow
 def test_second_process_reuses_inductor_cache(tmp_path):
     script = textwrap.dedent(
         """

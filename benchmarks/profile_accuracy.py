@@ -1,0 +1,104 @@
+"""How well `hetgraph.profile`'s table predicts whole models: predicted / measured - 1, per phase.
+
+    python benchmarks/profile_accuracy.py --presets drop-attn,width-pruned --out benchmarks/results/cpu-2core/profile
+
+For each preset: the table of the preset's model (each variant timed by difference, see
+hetgraph/profiling.py); then the whole model, and a model assembled from the same variants in
+another order and count (the layers reversed, then the first half again), each compiled and timed
+the same way, interleaved (the hetgraph backend, `make_cache`, prefill of --prompt-len tokens into an empty
+cache, decode steps from --context-len tokens of history; medians of --repeats). One process.
+Also the profiling time against one cold compile of the whole model (warm: the same Inductor
+cache as the table's models, so kernels shared with them may be reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+import hetgraph
+from hetgraph.bench.presets import make_preset
+from hetgraph.configs import model_config_dict, select_layers
+from hetgraph.contract import model_spec
+from hetgraph.profiling import PHASES, ModelTimer
+
+
+def measure(preset_name: str, args) -> dict:
+    preset = make_preset(preset_name)
+    torch.manual_seed(0)
+    model = hetgraph.from_config(preset.config)
+    shapes = dict(prompt_len=args.prompt_len, context_len=args.context_len, batch_size=1)
+    start = time.perf_counter()
+    table = hetgraph.profile(model, **shapes, repeats=args.repeats, depths=(1, 1 + args.extra_layers))
+    profile_s = time.perf_counter() - start
+    config = model_config_dict(model.config)
+    n = len(model_spec(model))
+    models = {"model": config, "reordered": select_layers(config, [*reversed(range(n)), *range(n // 2)])}
+    timer = ModelTimer(shapes, "hetgraph", args.repeats, torch.float32, "cpu")
+    result = {"preset": preset_name, "layers": n, "variants": len(table.rows), "profile_s": profile_s, "models": {}}
+    start = time.perf_counter()
+    timer.time(config)  # one whole-model cold compile (both graphs) and its timings, for the cost comparison
+    result["whole_model_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    timings = timer.time(*models.values())  # the two whole models interleaved
+    measure_s = time.perf_counter() - start
+    for (name, cfg), measured in zip(models.items(), timings):
+        predicted = table.predict(cfg)
+        result["models"][name] = {
+            "layers": cfg["num_hidden_layers"],
+            **{f"measured_{p}": measured[p] for p in PHASES},
+            **{f"predicted_{p}": predicted[p] for p in PHASES},
+            **{f"error_{p}": predicted[p] / measured[p] - 1 for p in PHASES},
+        }
+    result["table"] = table.to_dict()
+    return result
+
+
+def to_markdown(results: list[dict], args) -> str:
+    lines = [
+        f"prefill {args.prompt_len} tokens, decode from {args.context_len}; fp32, CPU, hetgraph backend, "
+        f"medians of {args.repeats}",
+        "",
+        "| preset | model | layers | prefill measured / predicted ms | error | decode measured / predicted ms | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for name, m in r["models"].items():
+            lines.append(
+                f"| {r['preset']} | {name} | {m['layers']} | {m['measured_prefill_ms']:.2f} / {m['predicted_prefill_ms']:.2f} "
+                f"| {m['error_prefill_ms']:+.1%} | {m['measured_decode_ms']:.3f} / {m['predicted_decode_ms']:.3f} "
+                f"| {m['error_decode_ms']:+.1%} |"
+            )
+    lines += ["", "| preset | variants | profiling s | one whole-model measurement s (cold compile + timing) |",
+              "|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        lines.append(f"| {r['preset']} | {r['variants']} | {r['profile_s']:.1f} | {r['whole_model_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", default="drop-attn,width-pruned")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--context-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--extra-layers", type=int, default=2, help="k2 - k1 of the difference (default 2)")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    results = [measure(name, args) for name in args.presets.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=2)
+    text = to_markdown(results, args)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,7 @@
 """The README's Python snippets, run as written, in order, in one namespace.
 
-The snippets leave `input_ids` (and `max_new_tokens`) to the reader; the test supplies them. Slow:
+The snippets leave `input_ids`, `max_new_tokens`, `other_config` and `parent_config` to the reader;
+the test supplies them. Slow:
 the snippets compile for generation and write AOTInductor packages (`bash scripts/test.sh -m slow`).
 """
 
@@ -11,6 +12,8 @@ import re
 
 import pytest
 import torch
+
+import hetgraph
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -31,6 +34,9 @@ def test_readme_snippets_run_as_written(tmp_path, monkeypatch):
     torch.manual_seed(0)
     namespace = {"input_ids": torch.randint(0, 2048, (1, 8)), "max_new_tokens": 6}
     for block in python_blocks(README.read_text()):
+        if "config" in namespace:  # what the latency-table snippet leaves to the reader
+            namespace.setdefault("other_config", namespace["config"])
+            namespace.setdefault("parent_config", {k: v for k, v in namespace["config"].items() if k != "per_layer_config"})
         exec(compile(block, str(README), "exec"), namespace)
     assert (tmp_path / "model.pt2").is_file() and torch.export.load("model.pt2") is not None
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"prefill.pt2", "decode.pt2", "prefill.aoti.pt2"}
@@ -38,3 +44,4 @@ def test_readme_snippets_run_as_written(tmp_path, monkeypatch):
     # The last snippet's loop equals greedy generate, as its comment says.
     expected = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(namespace["ids"], expected)
+    assert isinstance(namespace["table"], hetgraph.LatencyTable) and (tmp_path / "table.json").is_file()

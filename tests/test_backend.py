@@ -76,6 +76,7 @@ def test_options_are_validated():
     assert patches == {"max_autotune": True, "size_asserts": True, "alignment_asserts": False}
 
 
+@pytest.mark.slow  # two full compiles of one model
 def test_restrided_weight_recompiles_without_size_asserts(checkpoint):
     """The backend turns Inductor's per-call size asserts off because dynamo's guards check input
     strides, weights included: a weight restrided in place recompiles and stays right."""
@@ -91,7 +92,10 @@ def test_restrided_weight_recompiles_without_size_asserts(checkpoint):
     assert len(backend.reports) == 2
 
 
-@pytest.mark.parametrize("family", LLAMA_FAMILIES)
+# Llama and Mistral by default; Qwen2 / Qwen3 (the same code) with -m slow.
+@pytest.mark.parametrize(
+    "family", [f if f in ("llama", "mistral") else pytest.param(f, marks=pytest.mark.slow) for f in LLAMA_FAMILIES]
+)
 def test_compiled_logits_equal_reference(family, checkpoint):
     path = checkpoint(hetero_config(family))
     model = hetgraph.from_pretrained(path)

@@ -311,6 +311,7 @@ _PLAIN_LLAMA = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a fresh interpreter compiling a stock model twice
 def test_plain_transformers_model_unaffected_by_hetgraph(tmp_path):
     with_het, without = tmp_path / "with.pt", tmp_path / "without.pt"
     run_python(_PLAIN_LLAMA + f"assert 'hetgraph' not in sys.modules\nplain_llama_logits({str(without)!r})\n")

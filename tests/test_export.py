@@ -71,10 +71,10 @@ def config_layers(config: dict) -> list[dict]:
     return layers
 
 
-# Llama (full, sliding and chunked layers) and Mistral (its own window handling) by default; Qwen2
-# and Qwen3 build on the same code and run with -m slow.
+# Llama (full, sliding and chunked layers, removed blocks) by default; Mistral, Qwen2 and Qwen3 build
+# on the same export code and run with -m slow.
 family, ckpt, model, ref = model_fixtures(
-    [f if f in ("llama", "mistral") else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+    [f if f == "llama" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
 )
 
 
@@ -393,6 +393,7 @@ def test_loaded_programs_name_expected_and_given_shapes(llama):
 # ---- command line ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # export and show-graph again, through the CLI
 def test_cli_export_and_show_graph(llama, checkpoint, tmp_path, capsys):
     src = checkpoint(hetero_config("llama"))
     out = tmp_path / "out"

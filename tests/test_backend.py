@@ -171,6 +171,7 @@ def test_generate_compile_config_uses_backend(checkpoint, monkeypatch):
     assert calls, "generate did not compile through the hetgraph backend"
 
 
+@pytest.mark.slow  # a smoke test of one more mode
 def test_reduce_overhead_mode_compiles_on_cpu(checkpoint):
     model = hetgraph.from_pretrained(checkpoint(hetero_config("mistral")))
     ids, mask = _ids()

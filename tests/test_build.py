@@ -256,6 +256,7 @@ _SNAPSHOT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # tests/test_families.py checks the same for three families by default
 def test_import_and_use_do_not_patch_transformers(tmp_path):
     out = tmp_path / "changes.json"
     run_python(

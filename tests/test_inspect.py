@@ -181,6 +181,7 @@ def _assert_table(out: str, config: dict) -> None:
     assert any(line.startswith("homogeneous parent") for line in lines)
 
 
+@pytest.mark.slow  # a third CLI subprocess; inspect of checkpoints is tested in-process
 def test_cli_on_saved_checkpoint(checkpoint):
     config = hetero_config("qwen3")
     result = _run_cli("inspect", checkpoint(config))

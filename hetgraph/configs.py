@@ -34,9 +34,10 @@ def config_from_dict(config_dict: Mapping[str, Any]) -> PreTrainedConfig:
 
 
 def config_from_per_layer(config_dict: Mapping[str, Any]) -> PreTrainedConfig:
-    """`config_from_dict` of a dict already in the per-layer form (`formats.read(...).config`)."""
+    """`config_from_dict` of a dict already in the per-layer form (`formats.read(...).config`), the
+    stock guard already stripped."""
     # transformers writes inf / nan as {"__float__": "Infinity"} (NemotronH's `time_step_limit`).
-    d = PreTrainedConfig._decode_special_floats(copy.deepcopy(dict(strip_guard(config_dict))))
+    d = PreTrainedConfig._decode_special_floats(copy.deepcopy(dict(config_dict)))
     model_type = d.get("model_type")
     if model_type is None:
         raise HeteroConfigError("config has no 'model_type'; hetgraph needs it to pick the model family")
@@ -165,7 +166,7 @@ def select_layers(config_dict: Mapping[str, Any], layers: Sequence[int]) -> dict
     `per_layer_config` and the family's per-layer global lists (`layer_types`, NoPE, MoE and block
     type lists) are re-indexed; layers may repeat. What profiling and layer cuts are built from.
     """
-    d = copy.deepcopy(dict(config_dict))
+    d = copy.deepcopy(strip_guard(config_dict))
     adapter = adapter_for(d.get("model_type"))
     num_layers = len(ModelSpec.from_config(config_from_per_layer(d)))
     bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < num_layers]

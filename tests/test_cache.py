@@ -10,6 +10,7 @@ import torch
 from transformers.cache_utils import DummyLayer
 
 import hetgraph
+from support.checks import prompts
 from support.fixtures import model_fixtures
 from support.models import GREEDY, LLAMA_FAMILIES, VOCAB
 
@@ -45,13 +46,7 @@ def layers(ckpt):
 
 
 def ids_and_mask(batch=2, length=6, pad=(0, 2), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for b, n in enumerate(pad):
-        mask[b, :n] = 0
-        ids[b, :n] = 0
-    return ids, mask
+    return prompts(VOCAB, batch=batch, length=length, pad=pad, seed=seed)
 
 
 @pytest.mark.parametrize("max_cache_len", [4, 40])

@@ -14,7 +14,7 @@ from hetgraph.passes import attribute_nodes, eliminate_skipped_blocks
 from hetgraph.passes._graph import layer_of, ops_per_layer
 from hetgraph.spec import SKIP
 from support.graphs import assert_ops, assert_same_outputs, copy_graph
-from support.tiny_stack import layer, spec, trace, with_layers
+from support.tiny_stack import attributed, layer, spec, trace, with_layers
 
 # Layer 0 without attention, 2 without MLP, 3 with neither; 1 and 4 whole.
 TABLE = spec(layer(attention=SKIP), layer(window=3), layer(mlp=SKIP), layer(attention=SKIP, mlp=SKIP), layer())
@@ -26,9 +26,7 @@ def traced():
 
 
 def _attributed(traced, ctx=None):
-    original, inputs, traced_ctx = traced
-    gm = copy_graph(original)
-    attribute_nodes(gm, traced_ctx)
+    gm, inputs, traced_ctx = attributed(traced)
     return gm, inputs, ctx or traced_ctx
 
 

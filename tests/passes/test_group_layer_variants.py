@@ -10,11 +10,11 @@ from collections import Counter
 import pytest
 import torch
 
-from hetgraph.passes import attribute_nodes, group_layer_variants
+from hetgraph.passes import group_layer_variants
 from hetgraph.passes._graph import layer_of, ops_per_layer
 from hetgraph.passes.group_layer_variants import GRAD_REFUSAL, PREFIX
 from support.graphs import assert_same_outputs, copy_graph
-from support.tiny_stack import layer, spec, trace
+from support.tiny_stack import attributed, layer, spec, trace
 
 INVOKE = torch.ops.higher_order.invoke_subgraph
 # Layers 0 and 2 alike (full attention), 1 and 3 alike (window 3, narrower MLP), 4 its own head_dim.
@@ -22,10 +22,8 @@ TABLE = spec(layer(), layer(window=3, width=16), layer(), layer(window=3, width=
 
 
 def _attributed(table):
-    original, inputs, ctx = trace(table)
-    gm = copy_graph(original)
-    attribute_nodes(gm, ctx)
-    return gm, inputs, ctx, original
+    traced = trace(table)
+    return (*attributed(traced), traced[0])
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from hetgraph.passes import attribute_nodes, select_window_masks
+from hetgraph.passes import select_window_masks
 from hetgraph.passes._graph import SDPA, layer_of
 from hetgraph.spec import SKIP
-from support.graphs import assert_same_outputs, copy_graph
-from support.tiny_stack import layer, spec, trace, with_layers
+from support.graphs import assert_same_outputs
+from support.tiny_stack import attributed, layer, spec, trace, with_layers
 
 # Windows: 3 (layers 0 and 2), full (layer 1: sdpa's is_causal, no mask), 5 (layer 3); layer 4 no attention.
 TABLE = spec(layer(window=3), layer(), layer(window=3), layer(window=5), layer(attention=SKIP))
@@ -28,11 +28,6 @@ def per_window():
     return trace(TABLE)
 
 
-def _attributed(traced):
-    original, inputs, ctx = traced
-    gm = copy_graph(original)
-    attribute_nodes(gm, ctx)
-    return gm, inputs, ctx
 
 
 def _masks(gm) -> dict[int, object]:
@@ -45,7 +40,7 @@ def _distinct(gm) -> int:
 
 
 def test_merges_repeated_masks_into_one_per_window(per_layer):
-    gm, inputs, ctx = _attributed(per_layer)
+    gm, inputs, ctx = attributed(per_layer)
     assert _distinct(gm) == 3
     result = select_window_masks(gm, ctx)
     assert result.changed and not result.refused
@@ -61,7 +56,7 @@ def test_merges_repeated_masks_into_one_per_window(per_layer):
 
 
 def test_one_mask_per_window_is_unchanged(per_window):
-    gm, inputs, ctx = _attributed(per_window)
+    gm, inputs, ctx = attributed(per_window)
     code = gm.code
     result = select_window_masks(gm, ctx)
     assert not result.changed and not result.refused and gm.code == code
@@ -71,7 +66,7 @@ def test_one_mask_per_window_is_unchanged(per_window):
 
 def test_layers_of_different_windows_reading_one_mask_are_reported(per_window):
     """The table says layer 2's window is 4, but it reads layer 0's window-3 mask: refused, not hidden."""
-    gm, _, _ = _attributed(per_window)
+    gm, _, _ = attributed(per_window)
     code = gm.code
     result = select_window_masks(gm, with_layers(per_window[2], {2: {"sliding_window": 4}}))
     assert not result.changed and gm.code == code

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from hetgraph.passes import attribute_nodes, specialize_shapes
+from hetgraph.passes import specialize_shapes
 from hetgraph.passes._graph import SDPA, is_view, tag
 from hetgraph.spec import SKIP
-from support.graphs import assert_same_outputs, copy_graph
-from support.tiny_stack import layer, spec, trace, with_layers
+from support.graphs import assert_same_outputs
+from support.tiny_stack import attributed, layer, spec, trace, with_layers
 
 # Per-layer head_dim 8 (two heads, two KV heads) and 4 (four heads, two KV heads); layer 2 no attention.
 TABLE = spec(layer(head_dim=8, heads=2, kv_heads=2), layer(head_dim=4, heads=4, kv_heads=2, window=3),
@@ -23,11 +23,6 @@ def traced():
     return trace(TABLE)
 
 
-def _attributed(traced):
-    original, inputs, ctx = traced
-    gm = copy_graph(original)
-    attribute_nodes(gm, ctx)
-    return gm, inputs, ctx
 
 
 def _head_splits(gm) -> dict[int, list[int]]:
@@ -49,7 +44,7 @@ def _attention(gm, layer_index):
 
 
 def test_a_consistent_graph_is_unchanged(traced):
-    gm, inputs, ctx = _attributed(traced)
+    gm, inputs, ctx = attributed(traced)
     assert _head_splits(gm) == {0: [8, 8, 8], 1: [4, 4, 4]}
     code = gm.code
     result = specialize_shapes(gm, ctx)
@@ -60,7 +55,7 @@ def test_a_consistent_graph_is_unchanged(traced):
 
 
 def test_rewrites_a_baked_in_head_dim(traced):
-    gm, inputs, ctx = _attributed(traced)
+    gm, inputs, ctx = attributed(traced)
     view = _split(gm, 0)
     view.args = (*view.args[:-1], 4)  # what code reading another layer's (or the global) head_dim bakes in
     gm.recompile()
@@ -74,7 +69,7 @@ def test_rewrites_a_baked_in_head_dim(traced):
 
 
 def test_rewrites_a_baked_in_attention_scale(traced):
-    gm, inputs, ctx = _attributed(traced)
+    gm, inputs, ctx = attributed(traced)
     op = _attention(gm, 1)
     op.kwargs = {**op.kwargs, "scale": 8**-0.5}  # layer 0's head_dim; layer 1's is 4
     gm.recompile()
@@ -87,7 +82,7 @@ def test_rewrites_a_baked_in_attention_scale(traced):
 
 
 def test_refuses_a_table_its_weights_disagree_with(traced):
-    gm, _, _ = _attributed(traced)
+    gm, _, _ = attributed(traced)
     code = gm.code
     result = specialize_shapes(gm, with_layers(traced[2], {1: {"num_attention_heads": 2}}))  # weights hold 4
     assert not result.changed and gm.code == code

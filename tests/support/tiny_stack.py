@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetgraph.arch import adapter_for
-from hetgraph.passes import PassContext
+from hetgraph.passes import PassContext, attribute_nodes
 from hetgraph.spec import FULL, LayerSpec, ModelSpec
-from support.graphs import capture
+from support.graphs import capture, copy_graph
 
 HIDDEN = 16
 
@@ -149,3 +149,11 @@ def with_layers(ctx: PassContext, changes: dict[int, dict]) -> PassContext:
     """`ctx` whose table says something else of some layers, e.g. `with_layers(ctx, {2: {"sliding_window": 4}})`."""
     layers = [dataclasses.replace(s, **changes.get(s.index, {})) for s in ctx.spec]
     return dataclasses.replace(ctx, spec=dataclasses.replace(ctx.spec, layers=tuple(layers)))
+
+
+def attributed(traced):
+    """A fresh copy of a `trace` result's graph with its nodes tagged by `attribute_nodes`: (gm, inputs, ctx)."""
+    original, inputs, ctx = traced
+    gm = copy_graph(original)
+    attribute_nodes(gm, ctx)
+    return gm, inputs, ctx

@@ -11,7 +11,7 @@ hetgraph leaves their code alone and uses two PyTorch forward pre-hooks (public 
 * `LayerInputsHook`, on each decoder layer: hands the layer its own mask and RoPE table.
 
 Masks are in cache-position space: query i sits at position `past + i`; the cache layer says
-where its keys sit (`get_mask_sizes`). Key k is visible to query q iff k <= q, k >= 0 (a slot
+where its keys sit (`key_positions` of hetgraph's layers, `get_mask_sizes` of transformers'). Key k is visible to query q iff k <= q, k >= 0 (a slot
 that holds a real token), the window / chunk rule holds, and the padding mask allows k.
 """
 
@@ -21,12 +21,14 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DummyLayer
+from torch.fx.traceback import annotate
+from transformers.cache_utils import DummyLayer, DynamicLayer
 
 from hetgraph.spec import ModelSpec
 
 MASKS_KWARG = "hetgraph_masks"
 ROPE_KWARG = "hetgraph_rope"
+MASK_META = "hetgraph_mask"  # node.meta["custom"] key: the window and key layout a mask was built for
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 # Mask key of recurrent (mamba) layers: the 2D padding mask of the new tokens, None in single-token
 # decode, as transformers' `create_recurrent_attention_mask` gives them.
@@ -136,27 +138,44 @@ class ModelInputsHook:
         return (), kwargs
 
     def _mask(self, group: WindowGroup, cache, q_len: int, padding, device, dtype):
-        if cache is None:
-            past, kv_len, kv_offset = 0, q_len, 0
-        else:
-            past = cache.get_seq_length(group.rep)
-            kv_len, kv_offset = cache.get_mask_sizes(q_len, group.rep)
+        past, k_pos, aligned = key_layout(cache, group.rep, q_len, device)
+        fresh = isinstance(past, int) and past == 0
         trivially_causal = (
             self.attn_implementation == "sdpa"
             and padding is None
             and group.window[0] == "full"
-            and isinstance(past, int)
-            and past == 0
-            and kv_len == q_len
+            and fresh
+            and k_pos.shape[0] == q_len
         )
         if trivially_causal:
             return None  # sdpa's is_causal does it without a materialized mask
-        q_pos = torch.arange(q_len, device=device) + past
-        k_pos = torch.arange(kv_len, device=device) + kv_offset
-        mask = window_mask(group.window, q_pos, k_pos, padding)
-        if self.attn_implementation == "eager":
-            mask = _as_additive(mask, dtype)
+        # What `passes/specialize_attention` needs to prove a cheaper exact form: on every node of
+        # the mask's computation (dynamo and torch.export keep it in node.meta["custom"]).
+        kind, size = group.window
+        info = {"kind": kind, "size": size, "aligned": aligned, "padded": padding is not None, "fresh": fresh}
+        with annotate({MASK_META: info}):
+            q_pos = torch.arange(q_len, device=device) + past
+            mask = window_mask(group.window, q_pos, k_pos, padding)
+            if self.attn_implementation == "eager":
+                mask = _as_additive(mask, dtype)
         return mask
+
+
+def key_layout(cache, layer_idx: int, q_len: int, device) -> tuple:
+    """(past length, the position of each key the layer attends over, whether they are aligned).
+
+    Aligned: in position order, the last `q_len` of them the new tokens' own (see attention_forms).
+    hetgraph's cache layers say so themselves; transformers' dynamic layers always are.
+    """
+    if cache is None:
+        return 0, torch.arange(q_len, device=device), True
+    layers = getattr(cache, "layers", None)
+    layer = layers[layer_idx] if isinstance(layers, list) else None
+    past = cache.get_seq_length(layer_idx)
+    if hasattr(layer, "key_positions"):
+        return past, layer.key_positions(q_len), layer.keys_aligned(q_len)
+    kv_len, kv_offset = cache.get_mask_sizes(q_len, layer_idx)
+    return past, torch.arange(kv_len, device=device) + kv_offset, isinstance(layer, DynamicLayer)
 
 
 class _AllLayerTypes(dict):

@@ -2,15 +2,18 @@
 
 `make_cache` returns a transformers `Cache` with, per layer:
   * no attention (removed or linear): a transformers `DummyLayer` (nothing stored);
-  * full attention: a transformers `StaticLayer` of `max_cache_len` positions, allocated with the
-    layer's own KV heads and head_dim;
-  * sliding window W / chunk C: a `StaticWindowLayer` of min(W, max_cache_len) positions;
+  * full attention: a `StaticFullLayer` (transformers' `StaticLayer`) of `max_cache_len` positions,
+    allocated with the layer's own KV heads and head_dim;
+  * sliding window W / chunk C: a `StaticWindowLayer`, a ring buffer of min(W, max_cache_len)
+    positions;
   * a mamba mixer (NemotronH): a transformers `LinearAttentionLayer`, its conv and recurrent states
     allocated now with the layer's own mamba dims (the recurrent state in fp32, as the stock scan
     returns it).
 
 Stock sliding-window cache layers keep a Python-int length that dynamo guards on, so every decode
 step recompiles. `StaticWindowLayer` keeps its length in a tensor and a fixed layout instead.
+Both hetgraph layers return only the new keys in a prefill into an empty layer (`_FillsOnce`), so
+no prefill attends over empty slots; dynamo specializes on that one Python bool.
 """
 
 from __future__ import annotations
@@ -22,13 +25,79 @@ from hetgraph.contract import model_spec
 from hetgraph.spec import ModelSpec
 
 
-class StaticWindowLayer(StaticLayer):
-    """A cache layer holding the last `window` positions, as a shift register in position order.
+class _FillsOnce:
+    """What both hetgraph attention cache layers add to transformers' `StaticLayer`.
 
-    Slot j holds position `seen - window + j` (negative positions are empty). `update` returns the
-    held keys followed by the new ones, so the keys it returns cover the contiguous positions
-    `seen - window .. seen + q - 1`; `get_mask_sizes` says so, and the mask hides negative ones.
-    All shapes depend only on `window` and the query length: no recompiles as the cache fills.
+    `holds_tokens` is a Python bool, so dynamo specializes on it: a prefill into an empty layer
+    attends over its new keys only (K = T, positions from 0) and never over empty slots; the graph
+    for a layer that holds tokens is a second one (decode), a prefill into it a third.
+    `key_positions(q)` gives the position of every key `update(q new)` returns, for the mask, and
+    `keys_aligned(q)` whether those keys are in position order ending at the new ones (the layout
+    `attention_forms` needs).
+    """
+
+    holds_tokens = False
+
+    def get_seq_length(self):
+        return self.cumulative_length if self.holds_tokens else 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        super().reset()
+        self.holds_tokens = False
+
+    def _fresh(self, key_states, value_states):
+        """First update: write the new keys and return them, alone."""
+        self._write_fresh(key_states, value_states)
+        self.cumulative_length.add_(key_states.shape[-2])
+        self.holds_tokens = True
+        return key_states, value_states
+
+
+class StaticFullLayer(_FillsOnce, StaticLayer):
+    """transformers' `StaticLayer` (max_cache_len slots, position p in slot p), except that a prefill
+    into the empty layer returns only the new keys: a 512-token prompt into a 4096-slot cache
+    attends over 512 keys, not 4096."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if not self.holds_tokens:
+            if key_states.shape[-2] > self.max_cache_len:
+                raise ValueError(
+                    f"a prompt of {key_states.shape[-2]} tokens does not fit a cache layer of {self.max_cache_len} "
+                    "positions (make_cache(max_cache_len=...) bounds prompt plus generated tokens)"
+                )
+            return self._fresh(key_states, value_states)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def _write_fresh(self, key_states, value_states):
+        slots = torch.arange(key_states.shape[-2], device=self.keys.device)
+        self.keys.index_copy_(2, slots, key_states)
+        self.values.index_copy_(2, slots, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return (query_length, 0) if not self.holds_tokens else (self.max_cache_len, 0)
+
+    def key_positions(self, query_length: int) -> torch.Tensor:
+        return torch.arange(self.get_mask_sizes(query_length)[0], device=self.keys.device)
+
+    def keys_aligned(self, query_length: int) -> bool:
+        return not self.holds_tokens
+
+
+class StaticWindowLayer(_FillsOnce, StaticLayer):
+    """A cache layer holding the last `window` positions as a ring buffer: position p in slot p % W.
+
+    * prefill into the empty layer: returns the new keys only; keeps the last min(T, W) of them;
+    * decode (one new key): writes one row at the tensor-indexed slot `seen % W` (nothing else
+      moves) and returns the buffer in slot order; `key_positions` gives each slot's position
+      (negative: empty), from which the mask is built;
+    * prefill into a layer holding tokens: returns the held window in position order followed by
+      the new keys (W + T keys, aligned), and keeps the last W of those.
+    All shapes depend only on W and the query length: no recompiles as the cache fills.
     """
 
     is_sliding = True
@@ -41,23 +110,55 @@ class StaticWindowLayer(StaticLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys = torch.cat([self.keys, key_states], dim=-2)  # [B, H, held + q, D]
-        values = torch.cat([self.values, value_states], dim=-2)
-        held = self.max_cache_len
-        self.keys.copy_(keys[:, :, -held:])
-        self.values.copy_(values[:, :, -held:])
-        self.cumulative_length.add_(key_states.shape[-2])
+        if not self.holds_tokens:
+            return self._fresh(key_states, value_states)
+        held, length = self.max_cache_len, key_states.shape[-2]
+        seen = self.cumulative_length
+        if length == 1:  # decode: one row at its slot
+            slot = (seen % held).reshape(1)
+            self.keys.index_copy_(2, slot, key_states)
+            self.values.index_copy_(2, slot, value_states)
+            self.cumulative_length.add_(1)
+            return self.keys, self.values
+        order = (seen + torch.arange(held, device=self.keys.device)) % held  # the held window by position
+        keys = torch.cat([self.keys.index_select(2, order), key_states], dim=-2)
+        values = torch.cat([self.values.index_select(2, order), value_states], dim=-2)
+        self._keep_last(keys, values, seen - held)
+        self.cumulative_length.add_(length)
         return keys, values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, torch.Tensor]:
-        # Called before `update`: the keys returned then start `max_cache_len` positions back.
+    def _write_fresh(self, key_states, value_states):
+        self._keep_last(key_states, value_states, 0)
+
+    def _keep_last(self, keys: torch.Tensor, values: torch.Tensor, first) -> None:
+        """Fill every slot j with the latest of `keys` (positions first, first + 1, ...) at a position
+        p = j mod W: one W-row gather, no slicing by the (possibly symbolic) number of keys."""
+        held = self.max_cache_len
+        last = first + keys.shape[-2] - 1
+        positions = last - (last - torch.arange(held, device=self.keys.device)) % held
+        index = (positions - first).clamp(min=0)  # a slot no key reaches keeps key 0: its position is < 0
+        self.keys.copy_(keys.index_select(2, index))
+        self.values.copy_(values.index_select(2, index))
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, torch.Tensor | int]:
+        # Called before `update`. For decode the keys are in slot order: see `key_positions`.
+        if not self.holds_tokens:
+            return query_length, 0
+        if query_length == 1:
+            return self.max_cache_len, self.cumulative_length + 1 - self.max_cache_len
         return self.max_cache_len + query_length, self.cumulative_length - self.max_cache_len
 
-    def get_seq_length(self):
-        return self.cumulative_length
+    def key_positions(self, query_length: int) -> torch.Tensor:
+        """Position of each key `update(query_length new)` returns; negative for an empty slot."""
+        size, offset = self.get_mask_sizes(query_length)
+        slots = torch.arange(size, device=self.keys.device)
+        if not self.holds_tokens or query_length > 1:
+            return slots + offset
+        last = self.cumulative_length  # the new key's position; slot j holds last - (last - j) % W
+        return last - (last - slots) % self.max_cache_len
 
-    def get_max_length(self) -> int:
-        return self.max_cache_len
+    def keys_aligned(self, query_length: int) -> bool:
+        return not self.holds_tokens or query_length > 1
 
     def crop(self, tokens_to_remove: int) -> None:
         raise RuntimeError("StaticWindowLayer cannot be cropped: evicted positions are gone")
@@ -109,7 +210,7 @@ def make_cache(model, *, batch_size: int, max_cache_len: int, dtype: torch.dtype
             layers.append(DummyLayer())
             continue
         kind, size = s.window
-        layer = StaticLayer(max_cache_len) if size is None else StaticWindowLayer(max_cache_len, size)
+        layer = StaticFullLayer(max_cache_len) if size is None else StaticWindowLayer(max_cache_len, size)
         empty = torch.zeros((batch_size, s.num_key_value_heads, 0, s.head_dim), dtype=dtype, device=device)
         layer.lazy_initialization(empty, empty)
         layers.append(layer)

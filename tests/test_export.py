@@ -64,10 +64,11 @@ def config_layers(config: dict) -> list[dict]:
     for i in range(config["num_hidden_layers"]):
         over = config["per_layer_config"].get(str(i), {})
         removed = set(over.get("skip", []))
-        window = over.get("sliding_window", config.get("sliding_window")) or over.get("attention_chunk_size")
+        sliding = over.get("sliding_window", config.get("sliding_window"))
+        window = sliding or over.get("attention_chunk_size")
         head_dim = over.get("head_dim", config.get("head_dim") or config["hidden_size"] // heads)
         kv = (over.get("num_key_value_heads", config["num_key_value_heads"]), head_dim)
-        layers.append({"removed": removed, "window": window, "kv": kv})
+        layers.append({"removed": removed, "window": window, "sliding": bool(sliding), "kv": kv})
     return layers
 
 
@@ -97,11 +98,16 @@ def decode(model, tmp_path_factory):
     )
 
 
-def assert_specialized(ep, config):
-    """One attention op per attention-bearing layer; no op of a removed block; the residual adds of kept ones."""
+def assert_specialized(ep, config, prefill: bool = True):
+    """One attention op per attention-bearing layer, except the sliding layers of a prefill program
+    (any prompt length): banded attention, unfolded keys and no SDPA; no op of a removed block; the
+    residual adds of kept ones."""
     layers = config_layers(config)
     attention = {i for i, layer in enumerate(layers) if "attention" not in layer["removed"]}
-    assert per_layer(ep, SDPA) == {i: 1 for i in attention}
+    banded = {i for i in attention if layers[i]["sliding"]} if prefill else set()
+    assert per_layer(ep, SDPA) == {i: 1 for i in attention - banded}
+    unfolds = Counter(where(n)[0] for n in calls(ep) if n.target == torch.ops.aten.unfold.default)
+    assert set(unfolds) == banded, f"layers with unfolded (banded) keys: {sorted(unfolds)}, sliding: {sorted(banded)}"
     assert not [n for n in calls(ep) if n.target == torch.ops.aten.zeros_like.default]
     ops = Counter(where(n)[0] for n in calls(ep))
     for i, layer in enumerate(layers):
@@ -129,7 +135,7 @@ def test_prefill_program_matches_reference(prefill, ref):
 def test_decode_programs_are_specialized(decode, config):
     assert_specialized(torch.export.load(decode.prefill), config)
     step = torch.export.load(decode.decode)
-    assert_specialized(step, config)
+    assert_specialized(step, config, prefill=False)
     # The cache writes survive the passes' dead-code elimination: keys, values and length per attention layer.
     mutating = [n for n in calls(step) if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
     writes = Counter(where(n)[0] for n in mutating)
@@ -167,7 +173,7 @@ def test_passes_on_exported_graph_change_exactly_once(model):
     ep, records = _trace(model, _Logits(model), (ids,), None)
     changed = {r.name: r.changed for r in records}
     assert changed["eliminate_skipped_blocks"], changed
-    assert not any(r.changed for r in specialize(ep, model_spec(model)))
+    assert not any(r.changed for r in specialize(ep, model_spec(model))[1])
     assert [p.__name__ for p in passes_for(EXPORT)] == [r.name for r in records]
     raw = torch.export.export(_Logits(model), (ids,), strict=False)
     assert [n for n in calls(raw) if n.target == torch.ops.aten.zeros_like.default], "the case needs removed blocks"

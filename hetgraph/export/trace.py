@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
+import torch.fx.traceback as fx_traceback
 from torch import nn
 
 from hetgraph.contract import model_spec
@@ -14,24 +16,34 @@ from hetgraph.passes import EXPORT, PassContext, PassRecord, run_passes
 logger = logging.getLogger(__name__)
 
 
-def specialize(ep: torch.export.ExportedProgram, spec) -> list[PassRecord]:
-    """Run hetgraph's export passes on an exported program's graph, in place; the program stays valid.
+def specialize(ep: torch.export.ExportedProgram, spec) -> tuple[torch.export.ExportedProgram, list[PassRecord]]:
+    """Run hetgraph's export passes on an exported program's graph; the specialized, valid program.
 
-    Every pass but group_layer_variants: its shared submodules are not part of an ExportedProgram's signature.
+    Every pass but group_layer_variants: its shared submodules are not part of an ExportedProgram's
+    signature. A pass may insert calls of Python functions (specialize_attention's forms);
+    `run_decompositions({})` retraces the program, which inlines them as aten ops and decomposes
+    nothing else.
     """
     _, records = run_passes(ep.graph_module, PassContext(spec=spec), graph=EXPORT)
     for record in records:
         for layer, reason in record.refused.items():
             logger.info("hetgraph export %s: layer %s: %s", record.name, layer, reason)
     ep.graph_module.recompile()
+    if any(n.op == "call_function" and not _is_op(n.target) for n in ep.graph.nodes):
+        ep = ep.run_decompositions({})
     ep.validate()
-    return records
+    return ep, records
+
+
+def _is_op(target) -> bool:
+    return isinstance(target, (torch._ops.OpOverload, torch._ops.HigherOrderOperator)) or target is operator.getitem
 
 
 def _trace(model, wrapper: nn.Module, args: tuple, dynamic_shapes) -> tuple[torch.export.ExportedProgram, list]:
-    with torch.no_grad():
+    # preserve_node_meta: the hook's mask annotations (node.meta["custom"]) reach the exported graph.
+    with torch.no_grad(), fx_traceback.preserve_node_meta():
         ep = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes, strict=False)
-    return ep, specialize(ep, model_spec(model))
+    return specialize(ep, model_spec(model))
 
 
 def prefill_program(model: nn.Module, *, input_ids: torch.Tensor | None = None):

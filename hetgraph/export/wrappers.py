@@ -68,6 +68,7 @@ class _CachedLM(nn.Module):
             else:
                 layer.keys, layer.values = state[f"layers.{i}.keys"], state[f"layers.{i}.values"]
                 layer.cumulative_length = state[f"layers.{i}.length"]
+                layer.holds_tokens = self.continues
         return self.model(input_ids=input_ids, cache=self.cache, use_cache=True).logits
 
 

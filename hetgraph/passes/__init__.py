@@ -24,6 +24,7 @@ from hetgraph.passes.attribute_nodes import attribute_nodes
 from hetgraph.passes.eliminate_skipped_blocks import eliminate_skipped_blocks
 from hetgraph.passes.group_layer_variants import group_layer_variants
 from hetgraph.passes.select_window_masks import select_window_masks
+from hetgraph.passes.specialize_attention import specialize_attention
 from hetgraph.passes.specialize_shapes import specialize_shapes
 
 PASSES = (
@@ -31,6 +32,7 @@ PASSES = (
     eliminate_skipped_blocks,
     select_window_masks,
     specialize_shapes,
+    specialize_attention,
     group_layer_variants,
 )
 

@@ -4,7 +4,8 @@ The module layout is a Llama-family model's (`layers[i].self_attn / mlp / input_
 post_attention_layernorm`, `q_proj` ... `down_proj`), so the passes attribute its nodes as they do a
 real model's; nothing else of transformers or hetgraph's builder is involved. A removed block returns
 `zeros_like(x)` (as hetgraph's markers do) and takes its norm with it; masks are built outside the
-layers, one per distinct window or, with `mask_per_layer`, one per attention layer (as stock code may).
+layers, one per distinct window or, with `mask_per_layer`, one per attention layer (as stock code may),
+or with `hooked`, as hetgraph's model hook builds and annotates them.
 Traced by dynamo without compiling (`trace`), in about a second.
 """
 
@@ -15,8 +16,10 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.traceback import annotate
 
 from hetgraph.arch import adapter_for
+from hetgraph.attention import MASK_META, window_mask
 from hetgraph.passes import PassContext, attribute_nodes
 from hetgraph.spec import FULL, LayerSpec, ModelSpec
 from support.graphs import capture, copy_graph
@@ -103,17 +106,28 @@ def _window_mask(t: int, window: int) -> torch.Tensor:
     return ((distance >= 0) & (distance < window))[None, None]  # [1, 1, T, T]
 
 
+def _hooked_mask(t: int, window: int) -> torch.Tensor:
+    """The mask as hetgraph's model hook builds it without a cache: annotated with what it proves."""
+    info = {"kind": "sliding", "size": window, "aligned": True, "padded": False, "fresh": True}
+    with annotate({MASK_META: info}):
+        return window_mask(("sliding", window), torch.arange(t), torch.arange(t), None)
+
+
 class TinyStack(nn.Module):
-    def __init__(self, table: ModelSpec, mask_per_layer: bool = False):
+    def __init__(self, table: ModelSpec, mask_per_layer: bool = False, hooked: bool = False):
         super().__init__()
         self.windows = [s.sliding_window for s in table]
         self.mask_per_layer = mask_per_layer
+        self.hooked = hooked
         self.layers = nn.ModuleList(_Layer(s) for s in table)
         self.norm = _Norm()
 
     def forward(self, x):
         t = x.shape[1]
-        if self.mask_per_layer:
+        if self.hooked:
+            built = {w: _hooked_mask(t, w) for w in dict.fromkeys(self.windows) if w is not None}
+            masks = [built.get(w) for w in self.windows]
+        elif self.mask_per_layer:
             masks = [None if w is None else _window_mask(t, w) for w in self.windows]
         else:
             built = {w: _window_mask(t, w) for w in dict.fromkeys(self.windows) if w is not None}
@@ -123,11 +137,12 @@ class TinyStack(nn.Module):
         return self.norm(x)
 
 
-def trace(table: ModelSpec, mask_per_layer: bool = False, seed: int = 0):
-    """(graph module, example inputs, pass context with `table`) of a TinyStack built from `table`."""
+def trace(table: ModelSpec, mask_per_layer: bool = False, seed: int = 0, hooked: bool = False, length: int = 6):
+    """(graph module, example inputs, pass context with `table`) of a TinyStack built from `table`;
+    `hooked`: its masks built and annotated as hetgraph's model hook does."""
     torch.manual_seed(seed)
-    module = TinyStack(table, mask_per_layer).eval()
-    x = torch.randn(2, 6, HIDDEN)  # [B, T, hidden]
+    module = TinyStack(table, mask_per_layer, hooked).eval()
+    x = torch.randn(2, length, HIDDEN)  # [B, T, hidden]
     gm, inputs, ctx = capture(module, x)
     return gm, inputs, dataclasses.replace(ctx, spec=table)
 

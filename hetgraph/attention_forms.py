@@ -44,8 +44,9 @@ def banded_attention(
 ) -> torch.Tensor:
     """SDPA(query, key, value, attn_mask=mask) for aligned keys when no query sees more than `extent`.
 
-    query [B, H, T, D]; key, value [B, Hk, K, D] (H a multiple of Hk); mask bool, broadcastable as
-    [B or 1, 1, T, K]. `sinks` [H]: one extra logit per head in the softmax, no value (GptOss).
+    query [B, H, T, D]; key, value [B, Hk, K, D] (H a multiple of Hk); mask broadcastable as
+    [B or 1, 1, T, K], boolean (True: attend) or additive (eager attention's 0 / dtype min).
+    `sinks` [H]: one extra logit per head in the softmax, no value (GptOss).
     """
     batch, heads, length, dim = query.shape
     kv_heads, kv_length = key.shape[1], key.shape[2]
@@ -57,27 +58,30 @@ def banded_attention(
     # Key index of query i becomes i + front: pad (or crop keys nobody sees) in front, pad the tail.
     shift = front - (kv_length - length)
     tail = padded - length
-    keys = F.pad(key, (0, 0, shift, tail)).unfold(2, band, block)  # [B, Hk, nb, D, band]
-    values = F.pad(value, (0, 0, shift, tail)).unfold(2, band, block)
+    keys = _windows(F.pad(key, (0, 0, shift, tail)), band, block, blocks)  # [B, Hk, nb, band, D]
+    values = _windows(F.pad(value, (0, 0, shift, tail)), band, block, blocks)
     queries = F.pad(query, (0, 0, 0, tail)).reshape(batch, kv_heads, groups, blocks, block, dim)
 
+    boolean = mask.dtype == torch.bool
     mask = mask.expand(mask.shape[0], 1, length, kv_length)
-    mask = F.pad(mask, (shift, tail, 0, tail), value=False)  # [Bm, 1, padded, front + padded]
+    hidden = False if boolean else float("-inf")  # what a padded key gets
+    mask = F.pad(mask, (shift, tail, 0, tail), value=hidden)  # [Bm, 1, padded, front + padded]
     mask = mask.reshape(mask.shape[0], 1, blocks, block, front + padded).unfold(-1, band, block)
     mask = mask.diagonal(dim1=2, dim2=4).permute(0, 1, 4, 2, 3)  # [Bm, 1, nb, block, band]
     mask = mask.unsqueeze(2)  # [Bm, 1, 1, nb, block, band]: one mask for every head
 
     scale = dim**-0.5 if scale is None else scale
-    scores = torch.matmul(queries, keys.unsqueeze(2)) * scale  # [B, Hk, G, nb, block, band]
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = torch.matmul(queries, keys.transpose(-1, -2).unsqueeze(2)) * scale  # [B, Hk, G, nb, block, band]
+    scores = scores.masked_fill(~mask, float("-inf")) if boolean else scores + mask
     if sinks is not None:
         sink = sinks.to(scores.dtype).reshape(1, kv_heads, groups, 1, 1, 1)
         scores = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
         probs = torch.softmax(scores, dim=-1)[..., :band]
     else:
         probs = torch.softmax(scores, dim=-1)
-    probs = probs.masked_fill(~mask, 0.0)  # a row with no visible key: 0, not NaN
-    out = torch.matmul(probs, values.transpose(-1, -2).unsqueeze(2))  # [B, Hk, G, nb, block, D]
+    if boolean:
+        probs = probs.masked_fill(~mask, 0.0)  # a row with no visible key: 0, not NaN
+    out = torch.matmul(probs, values.unsqueeze(2))  # [B, Hk, G, nb, block, D]
     return out.reshape(batch, heads, padded, dim)[:, :, :length]
 
 
@@ -109,6 +113,15 @@ def chunked_attention(
     )
     out = _contiguous(out).view(batch, chunks, heads, chunk, value.shape[-1]).transpose(1, 2)
     return _contiguous(out).view(batch, heads, chunks * chunk, value.shape[-1])[:, :, :length]
+
+
+def _windows(x: torch.Tensor, band: int, block: int, blocks) -> torch.Tensor:
+    """[B, H, L, D] -> [B, H, blocks, band, D]: rows n * block .. n * block + band - 1 of x.
+
+    A gather, not `Tensor.unfold`: Inductor (torch 2.13) compiled the backward of an overlapping
+    `unfold` wrong (key gradients off by O(1) where eager autograd was exact)."""
+    index = torch.arange(band, device=x.device) + block * torch.arange(blocks, device=x.device)[:, None]
+    return x.index_select(2, index.reshape(-1)).view(x.shape[0], x.shape[1], blocks, band, x.shape[-1])
 
 
 def _count(length, block: int):

@@ -36,7 +36,9 @@ class _FillsOnce:
     `attention_forms` needs).
     """
 
-    holds_tokens = False
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.holds_tokens = False  # an instance attribute from the start: dynamo guards on its value
 
     def get_seq_length(self):
         return self.cumulative_length if self.holds_tokens else 0

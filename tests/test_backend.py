@@ -267,6 +267,7 @@ def test_explain_reports_per_layer(checkpoint):
         "eliminate_skipped_blocks",
         "select_window_masks",
         "specialize_shapes",
+        "specialize_attention",
         "group_layer_variants",
     ]
     eliminate = graph.records[1]
@@ -276,6 +277,8 @@ def test_explain_reports_per_layer(checkpoint):
     for layer in range(6):
         assert f"\n  {layer} " in text
     assert "removed" in text and "mask computation" in text
+    # Each attention layer's form, or why not a cheaper one (a short prompt: under one band of keys).
+    assert "masked SDPA" in text and "refused by specialize_attention" in text and "band of 32" in text
 
 
 def test_dynamic_shapes_go_through_every_pass(checkpoint):

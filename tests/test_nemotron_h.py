@@ -9,10 +9,11 @@ import functools
 
 import torch
 import transformers
-from transformers.cache_utils import DummyLayer, LinearAttentionLayer, StaticLayer
+from transformers.cache_utils import DummyLayer, LinearAttentionLayer
 
 import hetgraph
 from hetgraph.build import SkippedLayer
+from hetgraph.cache import StaticFullLayer
 from hetgraph.contract import model_spec
 from references.nemotron_h import load_reference
 from support.checks import assert_greedy_matches, assert_logits_match, prompts, read_config
@@ -64,7 +65,7 @@ def test_structure(model, ckpt):
 def test_make_cache_layers(model):
     cache = hetgraph.make_cache(model, batch_size=2, max_cache_len=16)
     kinds = [type(layer) for layer in cache.layers]
-    assert kinds == [DummyLayer, LinearAttentionLayer, DummyLayer, StaticLayer, DummyLayer, LinearAttentionLayer]
+    assert kinds == [DummyLayer, LinearAttentionLayer, DummyLayer, StaticFullLayer, DummyLayer, LinearAttentionLayer]
     # Mamba states allocated now, with each layer's own dims: conv [B, conv_dim, kernel], ssm [B, heads, dim, state].
     assert cache.layers[1].conv_states[0].shape == (2, 32 + 16, 3)
     assert cache.layers[1].recurrent_states[0].shape == (2, 4, 8, 8)

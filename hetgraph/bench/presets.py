@@ -177,6 +177,9 @@ TABLE: dict[str, _Row] = {
     "windowed": _Row(dict(_LLAMA, sliding_window=None), 12,
                      _cycle({"sliding_window": 64}, {"sliding_window": 256}, {"sliding_window": None}),
                      long_prompt=2048, notes="per-layer windows 64/256/full"),
+    "windowed-long": _Row(dict(_LLAMA, sliding_window=None, max_position_embeddings=16384), 12,
+                          _cycle({"sliding_window": 64}, {"sliding_window": 256}, {"sliding_window": None}),
+                          long_prompt=8192, listed=False, notes="the windowed preset, 8192-token prompt"),
     "homogeneous": _Row(_LLAMA, 16, notes="the parent, as control"),
     "gpt-oss-puzzle": _Row(  # as gpt-oss-puzzle varies it: half the layers keep half the experts
         _GPT_OSS, 8,

@@ -9,9 +9,11 @@ that, the LayerSpec table and the op's shapes this pass chooses, per layer:
 * chunk C, no padding, a fresh prefill (keys = the queries' own, positions from 0): per-chunk
   `is_causal` SDPA (`chunked_attention`), or plain `is_causal` SDPA when the prompt fits one chunk;
   with padding or held keys, the banded form with extent C;
-* otherwise the masked SDPA stays, with the reason: decode (one query over the small held window),
+* GptOss (eager attention only): the same choice for `matmul, * scale, + mask, sink column,
+  softmax, matmul` (`sinks_site`), the banded form keeping the sink column before its softmax;
+* otherwise the attention stays, with the reason: decode (one query over the small held window),
   full attention with padding or a cache holding tokens, keys not aligned (a ring buffer in
-  decode), a mask the hook did not build, dropout, or a mask that is not boolean.
+  decode), a mask the hook did not build, dropout, or an additive mask without sinks.
 
 Every rewrite computes what the masked SDPA computes (`attention_forms`); the backward is autograd's
 of the same aten ops. The exported programs get the forms too (trace.py inlines them to aten).
@@ -19,18 +21,28 @@ of the same aten ops. The exported programs get the forms too (trace.py inlines 
 
 from __future__ import annotations
 
+import operator
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hetgraph.attention import MASK_META
 from hetgraph.attention_forms import band_size, banded_attention, chunked_attention
-from hetgraph.passes._graph import SDPA, finish, is_op, layer_of, value
+from hetgraph.passes._graph import ADD, SDPA, aten, finish, is_op, layer_of, value
 from hetgraph.passes._types import DYNAMO, EXPORT, PassContext, PassResult, applies_to
 
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-SDPA_KWARGS = {"attn_mask": "attn_mask", "dropout_p": "dropout_p", "is_causal": "is_causal", "scale": "scale"}
+SDPA_KWARGS = {"attn_mask", "dropout_p", "is_causal", "scale"}
 FORMS = (banded_attention, chunked_attention)
+
+MATMUL = {torch.matmul, aten.matmul.default}
+MUL = {operator.mul, torch.mul, aten.mul.Tensor}
+CAT = {torch.cat, aten.cat.default}
+# Between the sink column's softmax and the matmul with the values (GptOss's eager attention).
+SOFTMAX_TO_VALUES = {torch.nn.functional.softmax, torch.softmax, operator.getitem, torch.nn.functional.dropout,
+                     operator.sub, "to", "max"}
 
 
 def block_for(extent: int) -> int:
@@ -39,66 +51,119 @@ def block_for(extent: int) -> int:
     return min(128, max(16, 1 << (extent - 1).bit_length()))
 
 
-def sdpa_arguments(node: fx.Node) -> dict:
+@dataclass
+class Site:
+    """One attention computation the pass may replace: its inputs, and the node whose value it is."""
+
+    out: fx.Node
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    mask: fx.Node | None
+    scale: float | None
+    dropout: float = 0.0
+    is_causal: bool = False
+    sinks: fx.Node | None = None  # GptOss: the per-head sink logits (a parameter)
+
+
+def sdpa_site(node: fx.Node) -> Site:
     """An SDPA call's arguments by name (dynamo's torch-level and export's aten calls alike)."""
-    args = dict(zip(SDPA_PARAMS, node.args))
-    args.update(node.kwargs)
-    return args
+    a = dict(zip(SDPA_PARAMS, node.args))
+    a.update(node.kwargs)
+    mask = a.get("attn_mask")
+    return Site(node, a["query"], a["key"], a["value"], mask if isinstance(mask, fx.Node) else None,
+                a.get("scale"), a.get("dropout_p", 0.0) or 0.0, bool(a.get("is_causal", False)))
+
+
+def sinks_site(add: fx.Node) -> Site | None:
+    """GptOss's eager attention around `add(scores * scale, mask)`: the sink column concatenated,
+    max subtracted, softmax, the sink dropped, dropout, matmul with the values. None if the ops
+    around `add` are not exactly these (in torch.export's aten graph they are not: matmul is
+    decomposed there, and the pass keeps the eager attention)."""
+    scaled = add.args[0]
+    if not (is_op(scaled, MUL) and isinstance(scaled.args[1], float) and is_op(scaled.args[0], MATMUL)):
+        return None
+    query, transposed = scaled.args[0].args
+    if not (isinstance(transposed, fx.Node) and transposed.op == "call_method" and transposed.target == "transpose"):
+        return None
+    if len(add.users) != 1 or not is_op(cat := next(iter(add.users)), CAT):
+        return None
+    parts = cat.args[0]
+    if len(parts) != 2 or parts[0] is not add or cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0) != -1:
+        return None
+    sinks = parts[1]
+    while isinstance(sinks, fx.Node) and sinks.op == "call_method" and sinks.target in ("expand", "reshape", "view"):
+        sinks = sinks.args[0]
+    if not (isinstance(sinks, fx.Node) and sinks.op in ("placeholder", "get_attr")):
+        return None
+    # Forward from the concatenation to the first matmul, through the softmax chain only.
+    node, seen = cat, 0
+    while seen < 12:
+        node = next((u for u in node.users if u.target in SOFTMAX_TO_VALUES or is_op(u, MATMUL)), None)
+        if node is None or (node.target is torch.nn.functional.dropout and node.kwargs.get("training")):
+            return None
+        if is_op(node, MATMUL):
+            return Site(node, query, transposed.args[0], node.args[1], add.args[1], scaled.args[1], sinks=sinks)
+        seen += 1
+    return None
 
 
 def _static(n) -> int | None:
     return n if isinstance(n, int) else None
 
 
-def choose_form(node: fx.Node, window: tuple) -> tuple[str, object, dict, str | None]:
-    """(form description, callable or None to keep the SDPA, its keyword arguments, why not cheaper)."""
-    a = sdpa_arguments(node)
-    mask = a.get("attn_mask")
-    if mask is None:
-        kept = "is_causal SDPA" if a.get("is_causal") else "SDPA without a mask"
-        return kept, None, {}, None
-    info = mask.meta.get("custom", {}).get(MASK_META) if isinstance(mask, fx.Node) else None
+def choose_form(site: Site, window: tuple) -> tuple[str, object, dict, str | None]:
+    """(form description, callable or None to keep the op, its keyword arguments, why not cheaper)."""
+    kept = "eager attention with sinks" if site.sinks is not None else "masked SDPA"
+    if site.mask is None:
+        return ("is_causal SDPA" if site.is_causal else "SDPA without a mask"), None, {}, None
+    info = site.mask.meta.get("custom", {}).get(MASK_META)
     if info is None:
-        return "masked SDPA", None, {}, "mask not built by hetgraph's model hook"
+        return kept, None, {}, "mask not built by hetgraph's model hook"
     kind, size = info["kind"], info["size"]
     if (kind, size) != tuple(window):
-        return "masked SDPA", None, {}, f"mask built for window {(kind, size)}, layer has {tuple(window)}"
-    q, k, m = value(a["query"]), value(a["key"]), value(mask)
-    if q is None or k is None or m is None or m.dtype != torch.bool:
-        return "masked SDPA", None, {}, "mask is not boolean (eager attention) or shapes unknown"
-    if a.get("dropout_p", 0.0) not in (0, 0.0):
-        return "masked SDPA", None, {}, "dropout in the attention"
+        return kept, None, {}, f"mask built for window {(kind, size)}, layer has {tuple(window)}"
+    q, k, m = value(site.query), value(site.key), value(site.mask)
+    if q is None or k is None or m is None:
+        return kept, None, {}, "shapes unknown"
+    if m.dtype != torch.bool and site.sinks is None:
+        return kept, None, {}, "additive mask without sinks (eager attention): a fully masked row would differ"
+    if site.dropout:
+        return kept, None, {}, "dropout in the attention"
     length, keys = _static(q.shape[-2]), _static(k.shape[-2])
     if length == 1:
-        return "SDPA over the held keys (decode)", None, {}, None
+        return f"{kept} over the held keys (decode)", None, {}, None
     if kind == "full":
         why = "padding: is_causal cannot hide padded keys" if info["padded"] else "cache holds tokens"
-        return "masked SDPA", None, {}, why
+        return kept, None, {}, why
     if not info["aligned"]:
-        return "masked SDPA", None, {}, "keys not in position order ending at the queries (cache layout)"
-    scale = a.get("scale")
+        return kept, None, {}, "keys not in position order ending at the queries (cache layout)"
     own_keys = statically_known_true(q.shape[-2] == k.shape[-2])  # no held keys
-    if kind == "chunked" and not info["padded"] and info["fresh"] and own_keys:
+    if kind == "chunked" and site.sinks is None and not info["padded"] and info["fresh"] and own_keys:
         if length is not None and length <= size:
             return "is_causal SDPA (prompt within one chunk)", "causal", {}, None
-        return f"per-chunk is_causal SDPA (chunk {size})", chunked_attention, {"chunk": size, "scale": scale}, None
+        return f"per-chunk is_causal SDPA (chunk {size})", chunked_attention, {"chunk": size, "scale": site.scale}, None
     block = block_for(size)
     band = band_size(size, block)
     if keys is not None and keys <= band:
-        return "masked SDPA", None, {}, f"{keys} keys: no more than one band of {band}"
+        return kept, None, {}, f"{keys} keys: no more than one band of {band}"
     form = f"banded attention (extent {size}, block {block}, {band} keys per query)"
-    return form, banded_attention, {"extent": size, "block": block, "scale": scale}, None
+    if site.sinks is not None:
+        form += " with sinks"
+    return form, banded_attention, {"extent": size, "block": block, "scale": site.scale}, None
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, fn, kwargs: dict) -> None:
-    a = sdpa_arguments(node)
+def _rewrite(gm: fx.GraphModule, site: Site, fn, kwargs: dict) -> None:
+    node = site.out
     if fn == "causal":  # the same SDPA, its mask replaced by is_causal
-        node.args = tuple(a[p] for p in SDPA_PARAMS[:3])
+        node.args = (site.query, site.key, site.value)
         node.kwargs = {**{k: v for k, v in node.kwargs.items() if k not in SDPA_KWARGS}, "is_causal": True}
-        if a.get("scale") is not None:
-            node.kwargs = {**node.kwargs, "scale": a["scale"]}
+        if site.scale is not None:
+            node.kwargs = {**node.kwargs, "scale": site.scale}
         return
-    args = (a["query"], a["key"], a["value"]) + (() if fn is chunked_attention else (a["attn_mask"],))
+    args = (site.query, site.key, site.value) + (() if fn is chunked_attention else (site.mask,))
+    if site.sinks is not None:
+        kwargs = {**kwargs, "sinks": site.sinks}
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(fn, args, kwargs)
     new.meta.update(node.meta)
@@ -106,20 +171,32 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, fn, kwargs: dict) -> None:
     gm.graph.erase_node(node)
 
 
+def _sites(gm: fx.GraphModule):
+    for node in list(gm.graph.nodes):
+        if layer_of(node) is None:
+            continue
+        if is_op(node, SDPA):
+            yield sdpa_site(node)
+        elif is_op(node, ADD) and isinstance(node.args[1], fx.Node) and MASK_META in node.args[1].meta.get("custom", {}):
+            site = sinks_site(node)
+            if site is not None:
+                yield site
+
+
 @applies_to(DYNAMO, EXPORT)
 def specialize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     report, refused = {}, {}
     changed = False
-    for node in [n for n in gm.graph.nodes if is_op(n, SDPA) and layer_of(n) is not None]:
-        layer = layer_of(node)
+    for site in list(_sites(gm)):
+        layer = layer_of(site.out)
         if layer >= len(ctx.spec):
             continue
-        form, fn, kwargs, why = choose_form(node, ctx.spec[layer].window)
+        form, fn, kwargs, why = choose_form(site, ctx.spec[layer].window)
         report[layer] = form
         if why is not None:
             refused[layer] = why
         if fn is not None:
-            _rewrite(gm, node, fn, kwargs)
+            _rewrite(gm, site, fn, kwargs)
             changed = True
     if changed:
         finish(gm)

@@ -139,7 +139,11 @@ class ModelInputsHook:
 
     def _mask(self, group: WindowGroup, cache, q_len: int, padding, device, dtype):
         past, k_pos, aligned = key_layout(cache, group.rep, q_len, device)
-        fresh = isinstance(past, int) and past == 0
+        # An `if`, so that dynamo branches (and guards) on a length it made symbolic: the annotation
+        # below must hold constants.
+        fresh = False
+        if isinstance(past, int) and past == 0:
+            fresh = True
         trivially_causal = (
             self.attn_implementation == "sdpa"
             and padding is None

@@ -13,6 +13,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import StaticCache
 
 import hetgraph
 from hetgraph.attention import window_mask
@@ -145,3 +146,19 @@ def test_gradients_through_the_banded_form_equal_eager(case_checkpoint):
     assert_gradients_equal(got, want)
     report, _ = _forms(backend)
     assert any(form.startswith("banded") for form in report.values()), report
+
+
+def test_traces_with_transformers_static_cache_when_dynamo_makes_lengths_symbolic(llama):
+    """transformers' sliding cache layers keep a Python-int length; dynamo makes it symbolic on the
+    second decode step, and the mask annotation must still be a constant (it raised in dynamo)."""
+    model, ref = llama
+    ids, _ = prompts(VOCAB, batch=1, length=LONG, pad=(0,), seed=7)
+    cache = StaticCache(config=model.config, max_cache_len=LONG + 4)
+    forward = torch.compile(model.forward, backend="eager", fullgraph=True)
+    tokens = ids
+    with torch.no_grad():
+        for _ in range(4):
+            step = tokens if tokens.shape[1] == LONG else tokens[:, -1:]
+            logits = forward(input_ids=step, cache=cache).logits[:, -1]
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(tokens, ref.greedy(ids, 4, None))

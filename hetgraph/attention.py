@@ -11,8 +11,10 @@ hetgraph leaves their code alone and uses two PyTorch forward pre-hooks (public 
 * `LayerInputsHook`, on each decoder layer: hands the layer its own mask and RoPE table.
 
 Masks are in cache-position space: query i sits at position `past + i`; the cache layer says
-where its keys sit (`key_positions` of hetgraph's layers, `get_mask_sizes` of transformers'). Key k is visible to query q iff k <= q, k >= 0 (a slot
-that holds a real token), the window / chunk rule holds, and the padding mask allows k.
+where its keys sit (`key_positions` of hetgraph's layers, `get_mask_sizes` of transformers').
+Key k is visible to query q iff k <= q, k >= 0 (a slot that holds a real token), the window /
+chunk rule holds, and the padding mask allows k. Each mask is built under an annotation of what
+it proves (`MASK_META`), which `passes/specialize_attention` reads.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ def test_backend_is_registered_on_import():
     assert "hetgraph" in torch._dynamo.list_backends(exclude_tags=())
 
 
+@pytest.mark.slow  # slow: a fresh interpreter that compiles; the backend's registration is covered in-process
 def test_backend_resolves_through_entry_point_without_import(tmp_path):
     script = textwrap.dedent(
         """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 import transformers
 from torch import nn
@@ -29,6 +30,7 @@ def _compile_once(model) -> HetgraphBackend:
     return backend
 
 
+@pytest.mark.slow  # two compiles (the table lost, then restored); the default run's budget
 def test_lost_table_warns_and_attach_restores_it(caplog):
     model = hetgraph.from_config(hetero_config("llama"))
     _replace_every_parameter(model)

@@ -220,6 +220,7 @@ _WITHOUT_HETGRAPH = textwrap.dedent(
 ).replace("NEW", str(NEW))
 
 
+@pytest.mark.slow  # slow: a fresh interpreter that exports and runs; the default run's budget
 def test_programs_run_without_hetgraph(llama):
     model, prefill, decode, out = llama
     ids = prompt()

@@ -35,7 +35,6 @@ from hetgraph.passes._types import DYNAMO, EXPORT, PassContext, PassResult, appl
 
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 SDPA_KWARGS = {"attn_mask", "dropout_p", "is_causal", "scale"}
-FORMS = (banded_attention, chunked_attention)
 
 MATMUL = {torch.matmul, aten.matmul.default}
 MUL = {operator.mul, torch.mul, aten.mul.Tensor}
@@ -177,10 +176,14 @@ def _sites(gm: fx.GraphModule):
             continue
         if is_op(node, SDPA):
             yield sdpa_site(node)
-        elif is_op(node, ADD) and isinstance(node.args[1], fx.Node) and MASK_META in node.args[1].meta.get("custom", {}):
+        elif is_op(node, ADD) and _is_hooked_mask(node.args[1]):
             site = sinks_site(node)
             if site is not None:
                 yield site
+
+
+def _is_hooked_mask(node) -> bool:
+    return isinstance(node, fx.Node) and MASK_META in node.meta.get("custom", {})
 
 
 @applies_to(DYNAMO, EXPORT)

@@ -8,16 +8,17 @@ caller proves (`passes/specialize_attention.py` does, from the mask's annotation
   transformers' dynamic caches, and with `make_cache` layers in prefill.
 
 `banded_attention` gathers, per block of `block` queries, the `P + block` keys that end at the
-block's last query (P the extent rounded up to a block), and the same band of the boolean mask; the
-mask still decides every score, so any padding or window rule is kept exactly. Keys outside the
+block's last query (P the extent rounded up to a block), and the same band of the mask (boolean,
+or additive as eager attention's); the mask still decides every score, so any padding or window rule is kept exactly. Keys outside the
 band are ones the mask hides anyway (no query sees a key more than `extent - 1` positions back).
 Cost: T * (P + block) scores instead of T * K. A row the mask hides completely gives 0, as SDPA's.
 
 `chunked_attention` handles chunk C with no padding and no held keys (keys = the queries'
 own, positions from 0): queries and keys viewed as chunks, one `is_causal` SDPA, no mask.
 
-Plain aten ops only (pad, unfold, matmul, softmax): Inductor compiles and fuses them, torch.export
-records them, autograd differentiates them.
+Plain aten ops only (pad, index_select, matmul, softmax; the mask's band is an unfold, which
+needs no gradient): Inductor compiles and fuses them, torch.export records them, autograd
+differentiates them.
 """
 
 from __future__ import annotations

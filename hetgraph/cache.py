@@ -69,8 +69,9 @@ class StaticFullLayer(_FillsOnce, StaticLayer):
         if not self.holds_tokens:
             if key_states.shape[-2] > self.max_cache_len:
                 raise ValueError(
-                    f"a prompt of {key_states.shape[-2]} tokens does not fit a cache layer of {self.max_cache_len} "
-                    "positions (make_cache(max_cache_len=...) bounds prompt plus generated tokens)"
+                    f"layer {getattr(self, 'layer_index', '?')}: a prompt of {key_states.shape[-2]} tokens does not "
+                    f"fit its cache of {self.max_cache_len} positions (make_cache(max_cache_len=...) bounds prompt "
+                    "plus generated tokens)"
                 )
             return self._fresh(key_states, value_states)
         return super().update(key_states, value_states, *args, **kwargs)
@@ -213,6 +214,7 @@ def make_cache(model, *, batch_size: int, max_cache_len: int, dtype: torch.dtype
             continue
         kind, size = s.window
         layer = StaticFullLayer(max_cache_len) if size is None else StaticWindowLayer(max_cache_len, size)
+        layer.layer_index = s.index  # for error messages
         empty = torch.zeros((batch_size, s.num_key_value_heads, 0, s.head_dim), dtype=dtype, device=device)
         layer.lazy_initialization(empty, empty)
         layers.append(layer)

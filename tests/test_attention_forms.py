@@ -162,3 +162,12 @@ def test_traces_with_transformers_static_cache_when_dynamo_makes_lengths_symboli
             logits = forward(input_ids=step, cache=cache).logits[:, -1]
             tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(tokens, ref.greedy(ids, 4, None))
+
+
+@torch.no_grad()
+def test_a_prompt_longer_than_the_cache_is_refused_naming_the_layer(model):
+    ids, _ = prompts(VOCAB, batch=1, length=12, pad=(0,))
+    cache = hetgraph.make_cache(model, batch_size=1, max_cache_len=8)
+    full = next(s.index for s in model_spec(model) if s.has_attention and s.window[0] == "full")
+    with pytest.raises(ValueError, match=f"layer {full}: a prompt of 12 tokens does not fit its cache of 8 positions"):
+        model(ids, cache=cache)

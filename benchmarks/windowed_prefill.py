@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         results = sweep(model, lengths, args.repeats, args.engines.split(","))
         overhead = None if args.no_overhead else cache_overhead(model, 512, 4096, args.overhead_repeats)
-    command = "python benchmarks/windowed_prefill.py " + " ".join(argv if argv is not None else os.sys.argv[1:])
+    command = "python benchmarks/windowed_prefill.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write(args.out, results, overhead, command)
     return 0
 

@@ -50,13 +50,6 @@ class _FillsOnce:
         super().reset()
         self.holds_tokens = False
 
-    def _fresh(self, key_states, value_states):
-        """First update: write the new keys and return them, alone."""
-        self._write_fresh(key_states, value_states)
-        self.cumulative_length.add_(key_states.shape[-2])
-        self.holds_tokens = True
-        return key_states, value_states
-
 
 class StaticFullLayer(_FillsOnce, StaticLayer):
     """transformers' `StaticLayer` (max_cache_len slots, position p in slot p), except that a prefill
@@ -64,22 +57,18 @@ class StaticFullLayer(_FillsOnce, StaticLayer):
     attends over 512 keys, not 4096."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if not self.holds_tokens:
-            if key_states.shape[-2] > self.max_cache_len:
-                raise ValueError(
-                    f"layer {getattr(self, 'layer_index', '?')}: a prompt of {key_states.shape[-2]} tokens does not "
-                    f"fit its cache of {self.max_cache_len} positions (make_cache(max_cache_len=...) bounds prompt "
-                    "plus generated tokens)"
-                )
-            return self._fresh(key_states, value_states)
-        return super().update(key_states, value_states, *args, **kwargs)
-
-    def _write_fresh(self, key_states, value_states):
-        slots = torch.arange(key_states.shape[-2], device=self.keys.device)
-        self.keys.index_copy_(2, slots, key_states)
-        self.values.index_copy_(2, slots, value_states)
+        fresh = not self.holds_tokens
+        if fresh and key_states.shape[-2] > self.max_cache_len:
+            raise ValueError(
+                f"layer {getattr(self, 'layer_index', '?')}: a prompt of {key_states.shape[-2]} tokens does not "
+                f"fit its cache of {self.max_cache_len} positions (make_cache(max_cache_len=...) bounds prompt "
+                "plus generated tokens)"
+            )
+        keys, values = super().update(key_states, value_states, *args, **kwargs)  # StaticLayer's write
+        if not fresh:
+            return keys, values
+        self.holds_tokens = True
+        return key_states, value_states  # a fresh prefill attends over its own keys only
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return (query_length, 0) if not self.holds_tokens else (self.max_cache_len, 0)
@@ -113,9 +102,12 @@ class StaticWindowLayer(_FillsOnce, StaticLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if not self.holds_tokens:
-            return self._fresh(key_states, value_states)
         held, length = self.max_cache_len, key_states.shape[-2]
+        if not self.holds_tokens:  # a fresh prefill attends over its own keys only
+            self._keep_last(key_states, value_states, 0)
+            self.cumulative_length.add_(length)
+            self.holds_tokens = True
+            return key_states, value_states
         seen = self.cumulative_length
         if length == 1:  # decode: one row at its slot
             slot = (seen % held).reshape(1)
@@ -129,9 +121,6 @@ class StaticWindowLayer(_FillsOnce, StaticLayer):
         self._keep_last(keys, values, seen - held)
         self.cumulative_length.add_(length)
         return keys, values
-
-    def _write_fresh(self, key_states, value_states):
-        self._keep_last(key_states, value_states, 0)
 
     def _keep_last(self, keys: torch.Tensor, values: torch.Tensor, first) -> None:
         """Fill every slot j with the latest of `keys` (positions first, first + 1, ...) at a position

@@ -155,10 +155,10 @@ def choose_form(site: Site, window: tuple) -> tuple[str, object, dict, str | Non
 def _rewrite(gm: fx.GraphModule, site: Site, fn, kwargs: dict) -> None:
     node = site.out
     if fn == "causal":  # the same SDPA, its mask replaced by is_causal
+        others = {k: v for k, v in node.kwargs.items() if k not in SDPA_KWARGS}  # e.g. enable_gqa
+        scale = {} if site.scale is None else {"scale": site.scale}
         node.args = (site.query, site.key, site.value)
-        node.kwargs = {**{k: v for k, v in node.kwargs.items() if k not in SDPA_KWARGS}, "is_causal": True}
-        if site.scale is not None:
-            node.kwargs = {**node.kwargs, "scale": site.scale}
+        node.kwargs = {**others, "is_causal": True, **scale}
         return
     args = (site.query, site.key, site.value) + (() if fn is chunked_attention else (site.mask,))
     if site.sinks is not None:

@@ -7,6 +7,7 @@ from hetgraph.build import from_config, from_pretrained
 from hetgraph.cache import make_cache
 from hetgraph.errors import HeteroConfigError
 from hetgraph.explain import explain
+from hetgraph.lora import lora_targets
 from hetgraph.profiling import LatencyTable, profile, profile_variants
 from hetgraph.runtime import generate_with_exported
 from hetgraph.spec import LayerSpec, ModelSpec
@@ -16,6 +17,7 @@ __all__ = [
     "from_pretrained",
     "make_cache",
     "explain",
+    "lora_targets",
     "export",
     "generate_with_exported",
     "profile",

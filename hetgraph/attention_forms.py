@@ -61,7 +61,9 @@ def banded_attention(
     tail = padded - length
     keys = _windows(F.pad(key, (0, 0, shift, tail)), band, block, blocks)  # [B, Hk, nb, band, D]
     values = _windows(F.pad(value, (0, 0, shift, tail)), band, block, blocks)
+    # A KV head's G query heads share its keys: they are rows of one matmul per block (no repeat_kv).
     queries = F.pad(query, (0, 0, 0, tail)).reshape(batch, kv_heads, groups, blocks, block, dim)
+    queries = queries.permute(0, 1, 3, 2, 4, 5).reshape(batch, kv_heads, blocks, groups * block, dim)
 
     boolean = mask.dtype == torch.bool
     mask = mask.expand(mask.shape[0], 1, length, kv_length)
@@ -69,20 +71,22 @@ def banded_attention(
     mask = F.pad(mask, (shift, tail, 0, tail), value=hidden)  # [Bm, 1, padded, front + padded]
     mask = mask.reshape(mask.shape[0], 1, blocks, block, front + padded).unfold(-1, band, block)
     mask = mask.diagonal(dim1=2, dim2=4).permute(0, 1, 4, 2, 3)  # [Bm, 1, nb, block, band]
-    mask = mask.unsqueeze(2)  # [Bm, 1, 1, nb, block, band]: one mask for every head
+    mask = mask.unsqueeze(3)  # [Bm, 1, nb, 1, block, band]: one mask for every head
 
     scale = dim**-0.5 if scale is None else scale
-    scores = torch.matmul(queries, keys.transpose(-1, -2).unsqueeze(2)) * scale  # [B, Hk, G, nb, block, band]
+    scores = torch.matmul(queries, keys.transpose(-1, -2)) * scale  # [B, Hk, nb, G * block, band]
+    scores = scores.view(batch, kv_heads, blocks, groups, block, band)
     scores = scores.masked_fill(~mask, float("-inf")) if boolean else scores + mask
     if sinks is not None:
-        sink = sinks.to(scores.dtype).reshape(1, kv_heads, groups, 1, 1, 1)
+        sink = sinks.to(scores.dtype).reshape(1, kv_heads, 1, groups, 1, 1)
         scores = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
         probs = torch.softmax(scores, dim=-1)[..., :band]
     else:
         probs = torch.softmax(scores, dim=-1)
     if boolean:
         probs = probs.masked_fill(~mask, 0.0)  # a row with no visible key: 0, not NaN
-    out = torch.matmul(probs, values.unsqueeze(2))  # [B, Hk, G, nb, block, D]
+    out = torch.matmul(probs.reshape(batch, kv_heads, blocks, groups * block, band), values)
+    out = out.view(batch, kv_heads, blocks, groups, block, dim).permute(0, 1, 3, 2, 4, 5)
     return out.reshape(batch, heads, padded, dim)[:, :, :length]
 
 

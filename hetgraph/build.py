@@ -14,15 +14,16 @@ import logging
 import os
 import re
 import types
+from typing import Mapping
 
 import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from hetgraph import attention, stock_guard
+from hetgraph import attention, slicing, stock_guard
 from hetgraph.arch import FamilyAdapter
 from hetgraph.checkpoint import check_tensors
-from hetgraph.configs import normalize_config
+from hetgraph.configs import config_from_dict, model_config_dict, normalize_config
 from hetgraph.contract import attach
 from hetgraph.errors import HeteroConfigError
 from hetgraph.loading import open_checkpoint
@@ -329,23 +330,57 @@ def _config_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+def checkpoint_skeleton(ckpt, attn_implementation: str | None = None, *, infer_shapes: bool = False):
+    """The meta model of an opened checkpoint, its tensors checked against it. `infer_shapes`:
+    where the stored shapes contradict the config (removed blocks, narrower MLPs, fewer heads),
+    the per-layer entries that explain them are derived (`slicing.infer_plan`), logged, and merged
+    into the config (`ckpt.config` is replaced); shapes nothing explains are still an error."""
+    model, spec = build_skeleton(ckpt.config, attn_implementation)
+    if infer_shapes:
+        plan = slicing.infer_plan(spec, expected_tensors(model), ckpt.index.shapes)
+        if plan:
+            logger.warning("%s: per_layer_config inferred from the tensor shapes: %s", ckpt.path, plan)
+            ckpt.config = config_from_dict(slicing.plan_config(model_config_dict(ckpt.config), plan))
+            model, spec = build_skeleton(ckpt.config, attn_implementation)
+    check_tensors(expected_tensors(model), ckpt.index)
+    return model, spec
+
+
 def from_pretrained(
-    path: str, *, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None
+    path: str,
+    *,
+    per_layer_config: Mapping | None = None,
+    prune: slicing.Prune = "first",
+    infer_shapes: bool = False,
+    dtype: torch.dtype | None = None,
+    device=None,
+    attn_implementation: str | None = None,
 ):
     """Load a local checkpoint directory (config.json + safetensors) onto the stock class.
 
     No hub access, no pickle, no remote code. Every tensor is checked before storage is allocated.
+    `per_layer_config` cuts the model from the checkpoint as its parent: the plan's entries
+    (layer -> attributes, `skip`) are merged over the checkpoint's own, removed blocks' tensors are
+    not read, narrower MLPs and fewer heads take the channels / heads `prune` keeps ("first",
+    "magnitude" or a callable: `hetgraph.slicing`). A plan the weights cannot satisfy is an error
+    naming the layer and the tensor. `infer_shapes=True` reads a pruned checkpoint saved under its
+    parent's config (LLM-Pruner, FLAP): see `checkpoint_skeleton`.
     """
     ckpt = open_checkpoint(path)
-    model, spec = build_skeleton(ckpt.config, attn_implementation)
+    parent, parent_spec = checkpoint_skeleton(ckpt, attn_implementation, infer_shapes=infer_shapes)
     index = ckpt.index
-    check_tensors(expected_tensors(model), index)
+    if per_layer_config is None:
+        model, spec, tensors = parent, parent_spec, ((name, index.load(name)) for name in index.shapes)
+    else:
+        config = config_from_dict(slicing.plan_config(model_config_dict(ckpt.config), per_layer_config))
+        model, spec = build_skeleton(config, attn_implementation)
+        tensors = slicing.cut_tensors(parent_spec, spec, expected_tensors(model), index.load, prune)
     dtype = dtype or _config_dtype(model.config)
     materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype)
     params = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
-        for name in index.shapes:
-            params[name].copy_(index.load(name))
+        for name, tensor in tensors:
+            params[name].copy_(tensor)
     model.tie_weights()
     _install_runtime(model, spec, model.config._attn_implementation)
     model.eval()

@@ -57,7 +57,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    """Rewrite a checkpoint (Nemotron-NAS, LLM-Drop or per-layer) into the per_layer_config layout, tensor by tensor."""
+    """Rewrite a checkpoint (Nemotron-NAS, LLM-Drop or per-layer) into the per_layer_config (or nemotron-nas) layout."""
     from hetgraph.convert import convert as convert_checkpoint
     from hetgraph.convert import parse_size
 
@@ -66,7 +66,21 @@ def convert(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    written = convert_checkpoint(args.src, args.dst, max_shard_size=max_shard_size, progress=not args.quiet)
+    written = convert_checkpoint(args.src, args.dst, to=args.to, infer_shapes=args.infer_shapes,
+                                 max_shard_size=max_shard_size, progress=not args.quiet)
+    print(f"wrote {len(written)} file(s) to {args.dst}")
+    return 0
+
+
+def cut(args: argparse.Namespace) -> int:
+    """Cut a model from a (homogeneous) parent checkpoint by a per-layer plan: remove blocks, narrow MLPs and heads."""
+    from hetgraph.convert import cut as cut_checkpoint
+
+    with open(args.plan) as f:
+        plan = json.load(f)
+    if isinstance(plan, dict) and "per_layer_config" in plan:  # a config.json-style file works too
+        plan = plan["per_layer_config"]
+    written = cut_checkpoint(args.src, args.dst, plan, prune=args.prune)
     print(f"wrote {len(written)} file(s) to {args.dst}")
     return 0
 
@@ -147,6 +161,13 @@ def profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def lm_eval(args: argparse.Namespace) -> int:
+    """lm-eval's command line with the "hetgraph" model type registered (needs `pip install 'hetgraph[lm-eval]'`)."""
+    from hetgraph.lm_eval import main as lm_eval_main
+
+    return lm_eval_main(args.lm_eval_args)
+
+
 def bench(args: argparse.Namespace) -> int:
     """Benchmarks: eager vs Inductor vs hetgraph on heterogeneity presets (`bench --help` for options)."""
     from hetgraph.bench import main as bench_main
@@ -180,9 +201,29 @@ COMMANDS: tuple[Command, ...] = (
         convert,
         (
             _arg("src", help="checkpoint directory (config.json + safetensors) in any layout hetgraph reads"),
-            _arg("dst", help="new directory for the per_layer_config checkpoint (must not exist or be empty)"),
+            _arg("dst", help="new directory for the converted checkpoint (must not exist or be empty)"),
+            _arg("--to", default="per-layer", choices=("per-layer", "nemotron-nas"),
+                 help="layout to write: per-layer (transformers' per_layer_config, default) or nemotron-nas "
+                      "(DeciLM block_configs, read by vLLM, SGLang, TensorRT-LLM, llama.cpp; Llama models only)"),
+            _arg("--infer-shapes", action="store_true",
+                 help="derive the per-layer config from the tensor shapes where they contradict config.json "
+                      "(a pruned model saved under its parent's config: LLM-Pruner, FLAP)"),
             _arg("--max-shard-size", default="2GB", help="largest shard, e.g. 2GB, 500MB, 64MiB (default 2GB)"),
             _arg("--quiet", action="store_true", help="no progress bar"),
+        ),
+    ),
+    Command(
+        "cut",
+        cut,
+        (
+            _arg("src", help="parent checkpoint directory (config.json + safetensors) in any layout hetgraph reads"),
+            _arg("dst", help="new directory for the cut model (per_layer_config layout; must not exist or be empty)"),
+            _arg("--plan", required=True,
+                 help='JSON file: layer -> per-layer entries, e.g. {"3": {"skip": ["attention"]}, '
+                      '"5": {"intermediate_size": 256}} (or a config with "per_layer_config")'),
+            _arg("--prune", default="first", choices=("first", "magnitude"),
+                 help="which channels / heads a narrower block keeps: the first ones (default) or the largest "
+                      "by L2 norm of their weights"),
         ),
     ),
     Command(
@@ -216,6 +257,7 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command("bench", bench, (_arg("bench_args", nargs=argparse.REMAINDER, help="options of benchmarks/run.py"),)),
+    Command("lm-eval", lm_eval, (_arg("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval's options"),)),
     Command(
         "show-graph",
         show_graph,
@@ -246,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hetgraph.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["lm-eval"]:  # its options (and --help) belong to lm_eval
+        return lm_eval(argparse.Namespace(lm_eval_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

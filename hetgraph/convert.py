@@ -1,4 +1,5 @@
-"""Rewrite a checkpoint into transformers' `per_layer_config` layout, one tensor at a time.
+"""Rewrite a checkpoint into transformers' `per_layer_config` layout (or, for what it can express,
+the Nemotron-NAS `block_configs` layout serving engines read), one tensor at a time.
 
 `convert(src, dst)`: the checkpoint is opened as `from_pretrained` opens it (`hetgraph.loading`:
 any layout, the family's stored names), the config goes through the stock config class (what
@@ -22,10 +23,13 @@ import torch
 from safetensors import safe_open
 
 from hetgraph import stock_guard
-from hetgraph.build import build_skeleton, expected_tensors
-from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, TensorIndex, check_tensors
+from hetgraph.build import checkpoint_skeleton
+from hetgraph.checkpoint import INDEX_FILE, SINGLE_FILE, TensorIndex
+from hetgraph.configs import model_config_dict
 from hetgraph.errors import CheckpointError
+from hetgraph.formats import nemotron_nas
 from hetgraph.loading import open_checkpoint
+from hetgraph.stock_guard import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,7 @@ _DTYPE_BYTES = {
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 # Files of the source that are not weights, config or remote code: copied as they are (tokenizer etc.).
+LAYOUTS = ("per-layer", nemotron_nas.NAME)  # what `convert(..., to=)` writes
 _NOT_COPIED = re.compile(r"(^config\.json$|\.safetensors$|\.safetensors\.index\.json$|\.py$|^\.)")
 
 
@@ -57,18 +62,34 @@ def parse_size(size: str | int) -> int:
 
 
 def convert(
-    src: str, dst: str, *, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, progress: bool = True
+    src: str,
+    dst: str,
+    *,
+    to: str = "per-layer",
+    infer_shapes: bool = False,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
 ) -> list[str]:
-    """Write `src` (any layout hetgraph reads) to `dst` in the per_layer_config layout; returns the files written."""
+    """Write `src` (any layout hetgraph reads) to `dst`; returns the files written.
+
+    `to="per-layer"`: transformers' `per_layer_config` layout. `to="nemotron-nas"`: DeciLM's
+    `block_configs`, which vLLM, SGLang, TensorRT-LLM and llama.cpp read (Llama models only: per-layer
+    KV heads, widths, removed and linear blocks; anything else is refused naming the layer, before
+    anything is written). The tensors are the same in both. `infer_shapes`: the per-layer config
+    of a pruned checkpoint saved under its parent's config is derived from the tensor shapes
+    (`hetgraph.build.checkpoint_skeleton`).
+    """
+    if to not in LAYOUTS:
+        raise ValueError(f"convert: to={to!r} is not a layout hetgraph writes; allowed: {list(LAYOUTS)}")
     limit = parse_size(max_shard_size)
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise CheckpointError(f"{dst}: the destination must differ from the source")
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise CheckpointError(f"{dst}: exists and is not an empty directory; convert never overwrites")
+    _check_destination(src, dst)
     ckpt = open_checkpoint(src)
-    model, _ = build_skeleton(ckpt.config)  # meta device: validates the config, gives names and shapes
+    model, spec = checkpoint_skeleton(ckpt, infer_shapes=infer_shapes)  # meta device: names and shapes, checked
     index = ckpt.index
-    check_tensors(expected_tensors(model), index)
+    model.config.architectures = [type(model).__name__]
+    written_config = None
+    if to == nemotron_nas.NAME:
+        written_config = nemotron_nas.from_per_layer(model_config_dict(model.config), spec)
 
     names = [n for n in model.state_dict() if n in index.shapes]  # the model's own order
     dtypes = _stored_dtypes(index, names)
@@ -80,15 +101,13 @@ def convert(
     work = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(dst))}.partial-")
     try:
         written = _write_shards(index, shards, index.shapes, dtypes, work, progress)
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(work)
-        stock_guard.guard_saved_config(work)
+        if written_config is None:
+            model.config.save_pretrained(work)
+            stock_guard.guard_saved_config(work)
+        else:  # stock transformers reads it only with DeciLM's remote code: no guard needed
+            write_json_atomic(os.path.join(work, "config.json"), written_config)
         written.append(os.path.join(work, "config.json"))
-        for name in sorted(os.listdir(src)):
-            path = os.path.join(src, name)
-            if os.path.isfile(path) and not _NOT_COPIED.search(name):
-                shutil.copy2(path, os.path.join(work, name))
-                written.append(os.path.join(work, name))
+        written += _copy_side_files(src, work)
         if os.path.isdir(dst):
             os.rmdir(dst)  # checked empty above
         os.rename(work, dst)
@@ -97,6 +116,36 @@ def convert(
         raise
     written = [os.path.join(dst, os.path.relpath(w, work)) for w in written]
     return written
+
+
+def cut(src: str, dst: str, plan, *, prune="first") -> list[str]:
+    """Cut a model from the parent checkpoint `src` by `plan` (layer -> per-layer entries, as
+    `from_pretrained(src, per_layer_config=plan, prune=prune)`) and save it to `dst` in the
+    per_layer_config layout, with the parent's tokenizer files; returns the files written."""
+    from hetgraph.build import from_pretrained
+
+    _check_destination(src, dst)
+    model = from_pretrained(src, per_layer_config=plan, prune=prune)  # every error before dst exists
+    model.save_pretrained(dst)
+    return [os.path.join(dst, name) for name in sorted(os.listdir(dst))] + _copy_side_files(src, dst)
+
+
+def _check_destination(src: str, dst: str) -> None:
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise CheckpointError(f"{dst}: the destination must differ from the source")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise CheckpointError(f"{dst}: exists and is not an empty directory; hetgraph never overwrites")
+
+
+def _copy_side_files(src: str, dst: str) -> list[str]:
+    """The source's files that are not weights, config or remote code (tokenizer etc.), copied."""
+    copied = []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and not _NOT_COPIED.search(name) and not os.path.exists(os.path.join(dst, name)):
+            shutil.copy2(path, os.path.join(dst, name))
+            copied.append(os.path.join(dst, name))
+    return copied
 
 
 def _stored_dtypes(index: TensorIndex, names: list[str]) -> dict[str, str]:

@@ -30,6 +30,7 @@ from hetgraph.errors import CheckpointError
 from hetgraph.formats.nemotron_nas import ffn_width
 from hetgraph.inspection import inspect_config
 from hetgraph.passes._graph import SDPA, tag
+from references import load_reference as load_any_reference
 from references.llama import load_reference
 from support.checks import ATOL, read_config
 from support.checks import prompts as family_prompts
@@ -598,29 +599,91 @@ def test_inspect_super_49b_bare_config(capsys):
     assert "read from the nemotron-nas layout" in out and "attention blocks: 49 full, 31 skip, 0 linear" in out
 
 
-# ---- other `block_configs` layouts: told apart by model_type ------------------------------------------
+# ---- the Puzzle layouts: NemotronH-Puzzle and gpt-oss-puzzle `block_configs` -----------------------
 
-# The shapes of NVIDIA's two other Puzzle layouts (../shared/notes/ecosystem.md, finding 3).
-PUZZLE_LAYOUTS = {
-    "nemotron_h_puzzle": {
-        "model_type": "nemotron_h_puzzle", "architectures": ["NemotronHPuzzleForCausalLM"],
-        "hidden_size": 64, "vocab_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "block_configs": [{"block_type": "mamba"}, {"block_type": "moe", "moe_intermediate_size": 96,
-                                                    "num_experts_per_tok": 2}, {"block_type": "attention"}],
-    },
-    "gpt_oss_puzzle": {
-        "model_type": "gpt_oss_puzzle", "architectures": ["GptOssPuzzleForCausalLM"],
-        "hidden_size": 64, "vocab_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "block_configs": [{"num_local_experts": 8, "sliding_window": 128},
-                          {"num_local_experts": 4, "sliding_window": None}],
-    },
-}  # fmt: skip
+# (block_configs entries, the per_layer_config they mean, written by hand), on the tiny case globals.
+NEMOTRON_H_PUZZLE = (
+    [{"block_type": "attention"}, {"block_type": "mamba"},
+     {"block_type": "moe", "n_routed_experts": 6, "num_experts_per_tok": 1, "moe_intermediate_size": 24,
+      "moe_shared_expert_intermediate_size": None}, {"block_type": "attention", "num_key_value_heads": 1},
+     {"block_type": "mlp", "intermediate_size": 48}, {"block_type": "moe", "moe_intermediate_size": 32}],
+    ["full_attention", "linear_attention", "moe", "full_attention", "mlp", "moe"],
+    {2: {"n_routed_experts": 6, "num_experts_per_tok": 1, "moe_intermediate_size": 24}, 3: {"num_key_value_heads": 1},
+     4: {"intermediate_size": 48}},
+)
+GPT_OSS_PUZZLE = (
+    [{"num_local_experts": 4, "sliding_window": 5}, {"num_local_experts": 4, "sliding_window": None},
+     {"num_local_experts": 2, "sliding_window": 3}, {"num_local_experts": 2, "sliding_window": None}],
+    ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    {2: {"num_local_experts": 2, "sliding_window": 3}, 3: {"num_local_experts": 2}},
+)  # fmt: skip
 
 
-@pytest.mark.parametrize("model_type", sorted(PUZZLE_LAYOUTS))
-def test_other_block_configs_layouts_are_named_not_taken_for_nemotron_nas(model_type, tmp_path):
-    d = PUZZLE_LAYOUTS[model_type]
-    want = rf"`block_configs` but model_type='{model_type}'.*does not read that layout"
+def _puzzle_pair(checkpoint, tmp_path, family: str):
+    """(the per-layer checkpoint the Puzzle layout means, the same tensors under the Puzzle config)."""
+    from support.models import OTHER_FAMILIES
+
+    base = {k: v for k, v in OTHER_FAMILIES[family].items() if k != "per_layer_config"}
+    blocks, types, per_layer = NEMOTRON_H_PUZZLE if family == "nemotron_h" else GPT_OSS_PUZZLE
+    type_key = "layers_block_type" if family == "nemotron_h" else "layer_types"
+    meant = checkpoint({**base, type_key: types, "num_hidden_layers": len(types), "per_layer_config": per_layer})
+    puzzle = tmp_path / "puzzle"
+    os.makedirs(puzzle)
+    with safe_open(os.path.join(meant, "model.safetensors"), framework="pt") as f:
+        # Puzzle stores `model.*` where stock NemotronH stores `backbone.*`; add what is not read.
+        tensors = {k.replace("backbone.", "model.", 1): f.get_tensor(k) for k in f.keys()}
+    if family == "nemotron_h":
+        tensors["mtp.layers.0.norm.weight"] = torch.ones(base["hidden_size"])
+        config = {**{k: v for k, v in base.items() if k != "layers_block_type"}, "model_type": "nemotron_h_puzzle",
+                  "architectures": ["NemotronHPuzzleForCausalLM"], "num_hidden_layers": None, "block_configs": blocks,
+                  "num_nextn_predict_layers": 1, "mtp_block_configs": [{"block_type": "attention"}]}
+    else:
+        tensors["model.layers.1.self_attn.k_scale"] = torch.ones(())
+        config = {**base, "model_type": "gpt_oss_puzzle", "architectures": ["GptOssPuzzleForCausalLM"],
+                  "layer_types": types, "block_configs": blocks}
+    save_file(tensors, os.path.join(puzzle, "model.safetensors"), metadata={"format": "pt"})
+    (puzzle / "config.json").write_text(json.dumps(config))
+    return meant, str(puzzle)
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "gpt_oss"])
+def test_puzzle_layouts_load_as_the_per_layer_model_they_mean(checkpoint, tmp_path, family):
+    """The reference runs the per-layer checkpoint written from the hand-made reading above."""
+    meant, puzzle = _puzzle_pair(checkpoint, tmp_path, family)
+    model = hetgraph.from_pretrained(puzzle)
+    assert model_spec(model).layers == model_spec(hetgraph.from_pretrained(meant)).layers
+    ids, mask = family_prompts(VOCAB, length=10, pad=(0, 3), seed=4)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+    assert_logits_match(got, load_any_reference(meant).logits(ids, mask), mask)
+    assert inspect_config(puzzle).layout == f"{family}_puzzle"
+
+
+@pytest.mark.parametrize(
+    "family,change,message",
+    [
+        ("gpt_oss", {"quantization_config": {"quant_method": "mxfp4"}}, "MXFP4 expert weights"),
+        ("gpt_oss", {"layer_types": ["full_attention"] * 4}, "disagrees with block_configs' windows"),
+        ("nemotron_h", {"hybrid_override_pattern": "M*E*-E"}, "disagrees with block_configs' block types"),
+        ("nemotron_h", {"block_configs": [{"block_type": "attention", "sliding_window": 8}] * 6},
+         "block_configs[0]: field sliding_window=8 is not supported"),
+        ("nemotron_h", {"block_configs": [{"block_type": "moe", "moe_latent_size": 16 + i} for i in range(6)]},
+         "block_configs[1]: moe_latent_size=17 differs"),
+        ("nemotron_h", {"block_configs": [{"block_type": "conv"}] * 6}, "block_type='conv' is not a NemotronH block"),
+    ],
+    ids=["mxfp4", "layer-types", "pattern", "window", "latent", "block-type"],
+)
+def test_puzzle_layouts_refuse_what_they_cannot_read_naming_the_field(checkpoint, tmp_path, family, change, message):
+    _, puzzle = _puzzle_pair(checkpoint, tmp_path, family)
+    config = {**read_config(puzzle), **change}
+    with pytest.raises(HeteroConfigError, match=re.escape(message)):
+        hetgraph.from_config(config)
+
+
+def test_an_unknown_block_configs_layout_is_named_not_taken_for_nemotron_nas(tmp_path):
+    d = {"model_type": "qwen3_puzzle", "hidden_size": 64, "vocab_size": 128, "num_attention_heads": 4,
+         "block_configs": [{"num_key_value_heads": 2}]}  # fmt: skip
+    want = r"`block_configs` but model_type='qwen3_puzzle'.*does not read that layout"
     with pytest.raises(HeteroConfigError, match=want) as err:
         hetgraph.from_config(d)
     assert "n_heads_in_group" not in str(err.value) and "ffn_mult" not in str(err.value)
@@ -637,3 +700,93 @@ def test_nemotron_nas_is_detected_by_model_type_or_architecture():
     assert formats.detect({**d, "model_type": "deci"}).name == "nemotron-nas"
     assert formats.detect({**d, "model_type": None}).name == "nemotron-nas"  # DeciLMForCausalLM
     assert formats.detect({**d, "model_type": None, "architectures": None, "block_configs": None}) is None
+
+
+# ---- writing the Nemotron-NAS layout (what serving engines read) ------------------------------------
+
+
+def _meaning(block: dict, hidden: int = HIDDEN) -> tuple:
+    """What one block config means, read independently: (attention, KV heads, ffn, MLP width)."""
+    attn, ffn = block["attention"], block["ffn"]
+    kinds = ["no_op" if sub["no_op"] else "linear" if sub["replace_with_linear"] else "full" for sub in (attn, ffn)]
+    kv = HEADS // attn["n_heads_in_group"] if kinds[0] == "full" else None
+    width = -(-int(2 * round(ffn["ffn_mult"], 6) * hidden / 3) // 256) * 256 if kinds[1] == "full" else None
+    return kinds[0], kv, kinds[1], width
+
+
+def test_convert_to_nemotron_nas_writes_what_the_layout_means_and_round_trips(nemotron_ckpt, nemotron, tmp_path):
+    """nemotron-nas -> per-layer -> nemotron-nas: the same blocks by DeciLM's meaning (ffn_mult may be
+    another number for the same width), the same tensors, and the reference reading the written
+    block_configs itself computes hetgraph's logits; hetgraph reads it back to the same table."""
+    per_layer, nas = tmp_path / "per-layer", tmp_path / "nas"
+    convert(nemotron_ckpt, str(per_layer), progress=False)
+    convert(str(per_layer), str(nas), to="nemotron-nas", progress=False)
+    written, original = read_config(nas), read_config(nemotron_ckpt)
+    assert written["model_type"] == "nemotron-nas" and written["architectures"] == ["DeciLMForCausalLM"]
+    assert "per_layer_config" not in written and "rope_parameters" not in written
+    assert written["rope_scaling"] == original["rope_scaling"] and written["rope_theta"] == original["rope_theta"]
+    assert [_meaning(b) for b in written["block_configs"]] == [_meaning(b) for b in original["block_configs"]]
+    kind = {"no_op": "no_op", "linear": "linear"}
+    assert [_meaning(b) for b in written["block_configs"]] == [
+        (kind.get(a, "full"), kv, kind.get(f, "full"), w) for a, f, kv, w in LAYERS]  # fmt: skip
+    with safe_open(str(nas / "model.safetensors"), framework="pt") as f, \
+            safe_open(os.path.join(nemotron_ckpt, "model.safetensors"), framework="pt") as g:  # fmt: skip
+        assert set(f.keys()) == set(g.keys())
+        assert all(torch.equal(f.get_tensor(n), g.get_tensor(n)) for n in g.keys())
+
+    back = hetgraph.from_pretrained(str(nas))
+    assert model_spec(back).layers == model_spec(nemotron).layers
+    ids, mask = prompts()
+    with torch.no_grad():
+        got = back(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, nemotron(ids, attention_mask=mask).logits, atol=0, rtol=0)
+    assert_logits_match(got, load_reference(str(nas)).logits(ids, mask), mask)
+
+
+def _saved(tmp_path, name: str, **config) -> str:
+    model = hetgraph.from_config(homogeneous_config(**config))
+    path = str(tmp_path / name)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (dict(intermediate_size=256, per_layer_config={1: {"num_attention_heads": 2, "num_key_value_heads": 2}}),
+         "layer 1 has num_attention_heads=2"),
+        (dict(intermediate_size=256, per_layer_config={2: {"sliding_window": 4}}), "layer 2 has a sliding window of 4"),
+        (dict(intermediate_size=256, per_layer_config={3: {"intermediate_size": 97}}),
+         "layer 3 has intermediate_size=97"),
+        (dict(family="qwen2", intermediate_size=256), "model_type='qwen2' cannot be written"),
+    ],
+    ids=["query-heads", "window", "width", "family"],
+)
+def test_convert_to_nemotron_nas_refuses_what_the_layout_cannot_express(tmp_path, config, message):
+    """Named, before anything is written."""
+    src = _saved(tmp_path, "src", **config)
+    dst = tmp_path / "nas"
+    with pytest.raises(HeteroConfigError, match=re.escape(message)):
+        convert(src, str(dst), to="nemotron-nas", progress=False)
+    assert not dst.exists() and sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_convert_command_writes_nemotron_nas_from_a_hetgraph_model(tmp_path, capsys):
+    """A model built from per_layer_config (KV heads, widths, removed and linear blocks) through the
+    CLI; engines' reading of the file (the reference's) gives hetgraph's logits."""
+    plan = {0: {"skip": ["attention"]}, 1: {"num_key_value_heads": 1, "intermediate_size": 512},
+            2: {"linear": ["mlp"]}, 3: {"skip": ["mlp"], "num_key_value_heads": 4}}  # fmt: skip
+    src = _saved(tmp_path, "src", num_hidden_layers=4, intermediate_size=256, per_layer_config=plan)
+    dst = tmp_path / "nas"
+    assert cli_main(["convert", src, str(dst), "--to", "nemotron-nas", "--quiet"]) == 0
+    blocks = read_config(dst)["block_configs"]
+    assert [_meaning(b) for b in blocks] == [("no_op", None, "full", 256), ("full", 1, "full", 512),
+                                             ("full", 2, "linear", None), ("full", 4, "no_op", None)]
+    model = hetgraph.from_pretrained(src)
+    ids, mask = prompts()
+    with torch.no_grad():
+        assert_logits_match(model(ids, attention_mask=mask).logits, load_reference(str(dst)).logits(ids, mask), mask)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["convert", src, str(tmp_path / "x"), "--to", "gguf"])
+    assert exit_.value.code == 2 and "invalid choice: 'gguf'" in capsys.readouterr().err

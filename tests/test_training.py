@@ -86,7 +86,8 @@ def test_lora_after_pruning_trains_like_eager():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     base = hetgraph.from_config(TRAIN_CONFIGS["llama"])
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    targets = hetgraph.lora_targets(base)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
     model.train()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)

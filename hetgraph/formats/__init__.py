@@ -7,8 +7,10 @@ format's own loader ignores). `read` is the one place that dispatches, once per 
 both as a `Layout`. `hetgraph.configs.config_from_dict` reads through it, so `from_pretrained`,
 `from_config`, `inspect` and `convert` all accept every layout.
 
-    nemotron-nas  `block_configs` (DeciLMForCausalLM)   -> llama        (names: identity)
-    llm-drop      `drop_attn_list` / `drop_mlp_list`     -> same family  (names: drops dropped blocks')
+    nemotron-nas       `block_configs` (DeciLMForCausalLM)          -> llama       (names: identity)
+    nemotron_h_puzzle  `block_configs` (NemotronHPuzzleForCausalLM) -> nemotron_h  (names: drops the MTP head's)
+    gpt_oss_puzzle     `block_configs` (GptOssPuzzleForCausalLM)    -> gpt_oss     (names: drops KV scales)
+    llm-drop           `drop_attn_list` / `drop_mlp_list`            -> same family (names: drops dropped blocks')
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from hetgraph.errors import HeteroConfigError
-from hetgraph.formats import llm_drop, nemotron_nas
+from hetgraph.formats import gpt_oss_puzzle, llm_drop, nemotron_h_puzzle, nemotron_nas
 
 
 @dataclass(frozen=True)
@@ -30,15 +32,17 @@ class Format:
 
 
 FORMATS: tuple[Format, ...] = tuple(
-    Format(m.NAME, m.detect, m.to_per_layer, m.weight_name) for m in (nemotron_nas, llm_drop)
+    Format(m.NAME, m.detect, m.to_per_layer, m.weight_name)
+    for m in (nemotron_nas, nemotron_h_puzzle, gpt_oss_puzzle, llm_drop)
 )
 
 
 def detect(config_dict: Mapping[str, Any]) -> Format | None:
     """The format of a config dict, or None for the native per-layer form; two at once is an error.
 
-    Formats are told apart by `model_type` first: NemotronH-Puzzle (`nemotron_h_puzzle`) and
-    gpt-oss-puzzle (`gpt_oss_puzzle`) store `block_configs` too, with other schemas.
+    Formats are told apart by `model_type` first: Nemotron-NAS, NemotronH-Puzzle
+    (`nemotron_h_puzzle`) and gpt-oss-puzzle (`gpt_oss_puzzle`) all store `block_configs`, each with
+    its own schema.
     """
     found = [f for f in FORMATS if f.detect(config_dict)]
     if config_dict.get("block_configs") is not None and not found:
@@ -47,7 +51,8 @@ def detect(config_dict: Mapping[str, Any]) -> Format | None:
         raise HeteroConfigError(
             f"config has `block_configs` but model_type={model_type!r} (architectures {architectures}): "
             f"hetgraph does not read that layout; the `block_configs` it reads are Nemotron-NAS "
-            f"(model_type {list(nemotron_nas.MODEL_TYPES)} or {nemotron_nas.ARCHITECTURE})"
+            f"(model_type {list(nemotron_nas.MODEL_TYPES)} or {nemotron_nas.ARCHITECTURE}), "
+            f"{nemotron_h_puzzle.MODEL_TYPE} and {gpt_oss_puzzle.MODEL_TYPE}"
         )
     if len(found) > 1:
         raise HeteroConfigError(

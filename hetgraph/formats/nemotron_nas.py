@@ -16,6 +16,10 @@ from (Llama-3.3-70B for Super-49B).
 Weight names are already Llama's, plus `self_attn.linear_attn.weight` / `mlp.linear_mlp.weight`,
 which hetgraph's linear blocks use verbatim: the weight-name map is the identity.
 
+`from_per_layer` writes the layout back (`hetgraph.convert(..., to="nemotron-nas")`) for the Llama
+models it can express: per-layer KV heads, MLP widths (as `ffn_mult`), removed and linear blocks;
+per-layer query heads, head dims or windows are refused, naming the layer.
+
 Fields hetgraph does not implement (sparsity, windowed or sink-token attention, parallel blocks)
 are accepted only at their default (off) values; anything else is an error naming the block and the
 field, never ignored.
@@ -230,3 +234,109 @@ def _rope_to_parameters(d: dict) -> None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# -- writing: the per-layer form back into `block_configs` -------------------------------------------
+
+# What a written block config holds besides the fields it sets: every "off" value, as NVIDIA's files do.
+_WRITTEN_OFF = {
+    "attention": {"num_sink_tokens": None, "sparsify": None, "unshifted_sink": False,
+                  "use_prefill_window_in_sink_attention": False, "window_length": None},
+    "ffn": {"sparsify": None},
+}  # fmt: skip
+# Stock Llama config keys the DeciLM layout has no field for, with the value DeciLM implies.
+_DECILM_IMPLIES = {"head_dim": None, "pretraining_tp": 1}
+
+
+def ffn_mult_for(width: int, hidden_size: int) -> float | None:
+    """The `ffn_mult` (6 decimals) that `ffn_width` maps to `width`, or None where none does."""
+    if width % FFN_MULTIPLE:
+        return None
+    mult = round(3 * width / (2 * hidden_size), 6)
+    for candidate in (mult, mult + 1e-6, mult - 1e-6):  # the float expression may land one ulp below
+        if ffn_width(candidate, hidden_size) == width:
+            return round(candidate, 6)
+    return None
+
+
+def from_per_layer(config_dict: Mapping[str, Any], spec) -> dict:
+    """The Nemotron-NAS (DeciLM) config.json dict of a Llama model with per-layer config `config_dict`
+    and LayerSpec table `spec`; raises HeteroConfigError naming the layer where the layout cannot
+    express it. Tensor names are the same in both layouts (`weight_name` is the identity)."""
+    d = copy.deepcopy(dict(config_dict))
+    if d.get("model_type") != "llama":
+        raise HeteroConfigError(
+            f"nemotron-nas: the layout is DeciLM's, a Llama; model_type={d.get('model_type')!r} cannot be written "
+            "(allowed: llama)"
+        )
+    hidden, heads = spec.hidden_size, _global_int(d, "num_attention_heads")
+    if hidden % heads:
+        raise HeteroConfigError(f"nemotron-nas: hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    head_dim = hidden // heads  # DeciLM's: it has no head_dim field
+    for key, implied in _DECILM_IMPLIES.items():
+        value = d.pop(key, None)
+        if value not in (None, implied) and not (key == "head_dim" and value == head_dim):
+            raise HeteroConfigError(
+                f"nemotron-nas: {key}={_short(value)} cannot be written; DeciLM implies "
+                f"{head_dim if key == 'head_dim' else implied!r}"
+            )
+    d["block_configs"] = [_write_block(s, heads, head_dim, hidden) for s in spec]
+    for key in ("per_layer_config", "layer_types", "sliding_window", "attention_chunk_size"):
+        value = d.pop(key, None)
+        if key == "layer_types" and value and set(value) != {"full_attention"}:
+            raise HeteroConfigError(f"nemotron-nas: layer_types {sorted(set(value))} cannot be written; allowed: full")
+    d["num_key_value_heads"] = None  # per block only, as NVIDIA's files
+    d["intermediate_size"] = None
+    _rope_from_parameters(d)
+    d["model_type"] = MODEL_TYPE
+    d["architectures"] = [ARCHITECTURE]
+    return d
+
+
+def _write_block(s, heads: int, head_dim: int, hidden: int) -> dict:
+    where = f"layer {s.index}"
+    if s.mamba != "none" or s.mixer_type is not None or s.extra:
+        raise HeteroConfigError(f"nemotron-nas: {where} ({s.describe()}) has blocks DeciLM does not know")
+    attention = {"n_heads_in_group": None, "no_op": s.attention == "skip",
+                 "replace_with_linear": s.attention == "linear"}  # fmt: skip
+    if s.has_attention:
+        for name, value, allowed in (("num_attention_heads", s.num_attention_heads, heads),
+                                     ("head_dim", s.head_dim, head_dim)):  # fmt: skip
+            if value != allowed:
+                raise HeteroConfigError(
+                    f"nemotron-nas: {where} has {name}={value}; DeciLM has one for every layer ({allowed}), "
+                    "only KV heads vary per layer"
+                )
+        kind, size = s.window
+        if size is not None:
+            raise HeteroConfigError(f"nemotron-nas: {where} has a {kind} window of {size}; DeciLM blocks attend fully")
+        attention["n_heads_in_group"] = heads // s.num_key_value_heads
+    ffn = {"ffn_mult": None, "no_op": s.mlp == "skip", "replace_with_linear": s.mlp == "linear"}
+    if s.mlp == "full":
+        mult = ffn_mult_for(s.intermediate_size, hidden)
+        if mult is None:
+            raise HeteroConfigError(
+                f"nemotron-nas: {where} has intermediate_size={s.intermediate_size}; DeciLM widths are "
+                f"int(2 * ffn_mult * {hidden} / 3) rounded up to a multiple of {FFN_MULTIPLE}"
+            )
+        ffn["ffn_mult"] = mult
+    return {"attention": {**attention, **_WRITTEN_OFF["attention"]}, "ffn": {**ffn, **_WRITTEN_OFF["ffn"]}}
+
+
+def _rope_from_parameters(d: dict) -> None:
+    """Llama's `rope_parameters` -> `rope_theta` + `rope_scaling` (DeciLM's transformers-4 fields)."""
+    params = dict(d.pop("rope_parameters", None) or {})
+    d.pop("rope_scaling", None)
+    rope_type = params.pop("rope_type", "default")
+    if rope_type not in _SUPPORTED_ROPE:
+        raise HeteroConfigError(
+            f"nemotron-nas: rope type {rope_type!r} cannot be written; allowed: {list(_SUPPORTED_ROPE)}"
+        )
+    d["rope_theta"] = params.pop("rope_theta", 10000.0)
+    scaling = {k: params.pop(k) for k in _LLAMA3_ROPE_KEYS if k in params} if rope_type == "llama3" else {}
+    if params or (rope_type == "llama3" and len(scaling) != len(_LLAMA3_ROPE_KEYS)):
+        raise HeteroConfigError(
+            f"nemotron-nas: rope_parameters of type {rope_type!r} with {sorted(params) or 'missing keys'} cannot be "
+            f"written; DeciLM's rope_scaling holds {list(_LLAMA3_ROPE_KEYS) if scaling else 'nothing'} for this type"
+        )
+    d["rope_scaling"] = {"rope_type": "llama3", **scaling} if scaling else None

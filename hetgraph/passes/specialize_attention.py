@@ -45,9 +45,13 @@ SOFTMAX_TO_VALUES = {torch.nn.functional.softmax, torch.softmax, operator.getite
 
 
 def block_for(extent: int) -> int:
-    """Query block of the banded form: the window's size rounded up to a power of two, 16 to 128
-    (a block much wider than the window reads keys nobody sees; a narrower one, many small matmuls)."""
-    return min(128, max(16, 1 << (extent - 1).bit_length()))
+    """Query block of the banded form: a quarter of the window (rounded up to a power of two),
+    32 to 128; 16 for windows of 16 or less. A block of B queries reads W + B keys (rounded to
+    blocks): a wider block scores keys nobody sees, a narrower one makes many small matmuls.
+    Measured on the compiled op (CPU, prompts 2048 and 8192, windows 64-512):
+    `benchmarks/attention_block_size.py`, results in benchmarks/results/cpu-2core/attention-block-size."""
+    width = 1 << (extent - 1).bit_length()
+    return 16 if width <= 16 else min(128, max(32, width // 4))
 
 
 @dataclass

@@ -1,9 +1,10 @@
-"""Prefill time against prompt length on the `windowed` preset (windows 64/256/full), eager, plain
+"""Prefill time against prompt length on a preset (default `windowed`: windows 64/256/full), eager, plain
 Inductor and hetgraph in one process, engines interleaved, medians; and a 512-token prefill into a
 4096-slot `make_cache` against the same prefill without a cache.
 
     python benchmarks/windowed_prefill.py --out benchmarks/results/cpu-2core/windowed-prefill
     python benchmarks/windowed_prefill.py --lengths 512,1024 --repeats 1 --out /tmp/wp   # quick
+    python benchmarks/windowed_prefill.py --preset gpt-oss-puzzle --lengths 512,2048 --no-overhead --out DIR
 
 Engines as in `benchmarks/run.py`: eager and hetgraph fill a `make_cache` of prompt + 32 positions,
 Inductor (`torch.compile(backend="inductor")` on the same model) transformers' `StaticCache` of the
@@ -99,12 +100,12 @@ def cache_overhead(model, prompt: int, slots: int, repeats: int) -> dict:
             "ratio": med["cache"] / med["no_cache"]}
 
 
-def write(out: str, sweep_results: dict, overhead: dict | None, command: str) -> None:
+def write(out: str, preset: str, sweep_results: dict, overhead: dict | None, command: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"sweep": sweep_results, "cache_overhead": overhead, "command": command,
+        json.dump({"preset": preset, "sweep": sweep_results, "cache_overhead": overhead, "command": command,
                    "torch": torch.__version__, "cores": os.cpu_count()}, f, indent=1)
-    lines = [f"# windowed preset: prefill ms against prompt length\n\nCommand: `{command}`  ",
+    lines = [f"# {preset} preset: prefill ms against prompt length\n\nCommand: `{command}`  ",
              f"torch {torch.__version__}, {os.cpu_count()} cores, float32, medians, engines interleaved.\n",
              "| prompt | eager ms | inductor ms | hetgraph ms | hetgraph / inductor |", "|---|---|---|---|---|"]
     for length, r in sweep_results.items():
@@ -119,10 +120,10 @@ def write(out: str, sweep_results: dict, overhead: dict | None, command: str) ->
                      f"ratio {overhead['ratio']:.2f}.")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    _plot(out, sweep_results)
+    _plot(out, preset, sweep_results)
 
 
-def _plot(out: str, sweep_results: dict) -> None:
+def _plot(out: str, preset: str, sweep_results: dict) -> None:
     try:
         import matplotlib
 
@@ -141,7 +142,7 @@ def _plot(out: str, sweep_results: dict) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("prefill s (median)")
-    ax.set_title("windowed preset (windows 64/256/full), CPU")
+    ax.set_title(f"{preset} preset, CPU")
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "prefill_vs_length.png"), dpi=120)
@@ -149,6 +150,8 @@ def _plot(out: str, sweep_results: dict) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="windowed-long", help="a preset of benchmarks/run.py (default windowed-long: "
+                   "the windowed preset, positions for 8192 tokens)")
     p.add_argument("--lengths", default="512,1024,2048,4096,8192")
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--repeats", type=int, default=3)
@@ -157,14 +160,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    preset = make_preset("windowed-long")
+    preset = make_preset(args.preset)
     model = hetgraph.from_config(preset.config)
     lengths = [int(x) for x in args.lengths.split(",")]
     with torch.no_grad():
         results = sweep(model, lengths, args.repeats, args.engines.split(","))
         overhead = None if args.no_overhead else cache_overhead(model, 512, 4096, args.overhead_repeats)
     command = "python benchmarks/windowed_prefill.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write(args.out, results, overhead, command)
+    write(args.out, args.preset, results, overhead, command)
     return 0
 
 

@@ -25,7 +25,9 @@ def python_blocks(text: str) -> list[str]:
 def test_the_readme_has_the_snippets_this_test_runs():
     blocks = python_blocks(README.read_text())
     assert len(blocks) >= 3
-    assert "hetgraph.from_config(config)" in blocks[0] and 'hetgraph.export(model, "model.pt2"' in blocks[1]
+    assert "hetgraph.from_config(config)" in blocks[0]
+    assert any('hetgraph.export(model, "model.pt2"' in b for b in blocks[1:])
+    assert any("per_layer_config=plan" in b for b in blocks) and any("lora_targets" in b for b in blocks)
 
 
 @pytest.mark.slow

@@ -46,7 +46,6 @@ def _hand_cut(parent: str, path, plan: dict, keep: dict) -> str:
             "mlp" in skip and (local.startswith("mlp.") or local.startswith("post_attention_layernorm"))
         ):
             continue
-        rows = lambda units, size: torch.cat([torch.arange(u * size, (u + 1) * size) for u in units])  # noqa: E731
         if (i, "mlp") in keep and local in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
             t = t[keep[i, "mlp"]]
         elif (i, "mlp") in keep and local == "mlp.down_proj.weight":
@@ -64,6 +63,11 @@ def _hand_cut(parent: str, path, plan: dict, keep: dict) -> str:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     return str(path)
+
+
+def rows(units, size: int) -> torch.Tensor:
+    """The rows of `units`, `size` rows each."""
+    return torch.cat([torch.arange(u * size, (u + 1) * size) for u in units])
 
 
 def _assert_same_model(model, reference_path: str) -> None:

@@ -276,14 +276,27 @@ def test_save_pretrained_writes_per_layer_config_that_reloads_identically(nemotr
     assert layers[0]["skip"] == ["attention"] and layers[2]["linear"] == ["mlp"]
     assert layers[5]["skip"] == ["attention", "mlp"] and layers[6]["linear"] == ["attention", "mlp"]
     assert layers[4] == {"num_key_value_heads": 1, "skip": ["mlp"]}
-    reloaded = hetgraph.from_pretrained(str(tmp_path))
+    # The per-layer layout means the same model to the reference as the block_configs did.
+    _assert_reads_as(str(tmp_path), nemotron)
+
+
+def _assert_reads_as(path: str, nemotron) -> None:
+    """`path` loads to `nemotron`'s table and exact logits, and the reference reads it to them too."""
+    reloaded = hetgraph.from_pretrained(path)
     assert model_spec(reloaded).layers == model_spec(nemotron).layers
     ids, mask = prompts()
     with torch.no_grad():
         got = reloaded(ids, attention_mask=mask).logits
         torch.testing.assert_close(got, nemotron(ids, attention_mask=mask).logits, atol=0, rtol=0)
-    # The per-layer layout means the same model to the reference as the block_configs did.
-    assert_logits_match(got, load_reference(str(tmp_path)).logits(ids, mask), mask)
+    assert_logits_match(got, load_reference(path).logits(ids, mask), mask)
+
+
+def _assert_same_tensors(a: str, b: str) -> None:
+    with safe_open(os.path.join(a, "model.safetensors"), framework="pt") as f, \
+            safe_open(os.path.join(b, "model.safetensors"), framework="pt") as g:  # fmt: skip
+        assert set(f.keys()) == set(g.keys())
+        for name in g.keys():
+            assert torch.equal(f.get_tensor(name), g.get_tensor(name)), name
 
 
 @pytest.mark.slow
@@ -328,11 +341,7 @@ def test_convert_command_single_file_and_refuses_to_overwrite(nemotron_ckpt, tmp
     dst = tmp_path / "out"
     assert cli_main(["convert", nemotron_ckpt, str(dst), "--quiet"]) == 0
     assert (dst / "model.safetensors").exists() and not (dst / "model.safetensors.index.json").exists()
-    with safe_open(str(dst / "model.safetensors"), framework="pt") as f, \
-            safe_open(os.path.join(nemotron_ckpt, "model.safetensors"), framework="pt") as g:  # fmt: skip
-        assert set(f.keys()) == set(g.keys())
-        for name in g.keys():
-            assert torch.equal(f.get_tensor(name), g.get_tensor(name)), name
+    _assert_same_tensors(str(dst), nemotron_ckpt)
     # Converting the per-layer checkpoint again is a plain copy of the layout.
     again = tmp_path / "again"
     assert cli_main(["convert", str(dst), str(again), "--quiet"]) == 0
@@ -729,18 +738,8 @@ def test_convert_to_nemotron_nas_writes_what_the_layout_means_and_round_trips(ne
     kind = {"no_op": "no_op", "linear": "linear"}
     assert [_meaning(b) for b in written["block_configs"]] == [
         (kind.get(a, "full"), kv, kind.get(f, "full"), w) for a, f, kv, w in LAYERS]  # fmt: skip
-    with safe_open(str(nas / "model.safetensors"), framework="pt") as f, \
-            safe_open(os.path.join(nemotron_ckpt, "model.safetensors"), framework="pt") as g:  # fmt: skip
-        assert set(f.keys()) == set(g.keys())
-        assert all(torch.equal(f.get_tensor(n), g.get_tensor(n)) for n in g.keys())
-
-    back = hetgraph.from_pretrained(str(nas))
-    assert model_spec(back).layers == model_spec(nemotron).layers
-    ids, mask = prompts()
-    with torch.no_grad():
-        got = back(ids, attention_mask=mask).logits
-        torch.testing.assert_close(got, nemotron(ids, attention_mask=mask).logits, atol=0, rtol=0)
-    assert_logits_match(got, load_reference(str(nas)).logits(ids, mask), mask)
+    _assert_same_tensors(str(nas), nemotron_ckpt)
+    _assert_reads_as(str(nas), nemotron)
 
 
 def _saved(tmp_path, name: str, **config) -> str:

@@ -25,6 +25,7 @@ from hetgraph.formats._blocks import block_list, per_layer_fields
 NAME = "gpt_oss_puzzle"
 MODEL_TYPE = "gpt_oss_puzzle"
 ARCHITECTURE = "GptOssPuzzleForCausalLM"
+_FIELDS = ("num_local_experts", "sliding_window")  # what a block entry may set
 _KV_SCALE = re.compile(r"\.(k|v|q)_scale$")
 
 
@@ -53,21 +54,20 @@ def to_per_layer(config_dict: Mapping[str, Any]) -> dict:
             f"{NAME}: layer_types {d['layer_types']} disagrees with block_configs' windows {windows} "
             "(null: full attention)"
         )
+    per_layer_fields(NAME, d, [{k: v for k, v in b.items() if k not in _FIELDS} for b in blocks], {}, ())  # others
     common = max(set(w for w in windows if w is not None), key=windows.count, default=None)
     d["sliding_window"] = d.get("sliding_window") or common
-    entries = [{k: v for k, v in b.items() if k != "sliding_window"} for b in blocks]
-    overrides = per_layer_fields(NAME, d, entries, {"num_local_experts": "num_local_experts"}, ())
-    for i, w in enumerate(windows):
+    experts = [b.get("num_local_experts") or d.get("num_local_experts") for b in blocks]
+    if None in experts:
+        raise HeteroConfigError(f"{NAME} block_configs[{experts.index(None)}]: no num_local_experts, and no global one")
+    d["num_local_experts"] = max(experts)  # the parent: the most experts
+    overrides: dict[int, dict] = {}
+    for i, (e, w) in enumerate(zip(experts, windows)):
+        if e != d["num_local_experts"]:
+            overrides.setdefault(i, {})["num_local_experts"] = e
         if w is not None and w != d["sliding_window"]:
             overrides.setdefault(i, {})["sliding_window"] = w
-    experts = [overrides.get(i, {}).get("num_local_experts", d.get("num_local_experts")) for i in range(len(blocks))]
-    d["num_local_experts"] = max(e for e in experts if e is not None)  # the parent: the most experts
-    for i, e in enumerate(experts):
-        if e == d["num_local_experts"]:
-            overrides.get(i, {}).pop("num_local_experts", None)
-        else:
-            overrides.setdefault(i, {})["num_local_experts"] = e
-    d["per_layer_config"] = {i: o for i, o in overrides.items() if o}
+    d["per_layer_config"] = overrides
     d["layer_types"] = types
     d["num_hidden_layers"] = len(blocks)
     for key in ("block_configs", "auto_map"):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import shlex
 
 import pytest
 import torch
@@ -81,6 +83,13 @@ def _expected_accuracy(path: str) -> float:
     return sum(correct) / len(correct)
 
 
+def _written_accuracy(out_dir) -> float:
+    """The tiny task's accuracy from the one results file lm-eval wrote under out_dir."""
+    (result,) = [os.path.join(d, f) for d, _, fs in os.walk(out_dir) for f in fs if f.endswith(".json")]
+    with open(result) as f:
+        return json.load(f)["results"]["tiny_mc"]["acc,none"]
+
+
 def _guarded(path: str) -> bool:
     from transformers import AutoConfig
 
@@ -110,7 +119,19 @@ def test_python_m_hetgraph_lm_eval_runs_lm_evals_command_line(setup, tmp_path):
                    "--device", "cpu", "--tasks", "tiny_mc", "--include_path", tasks, "--batch_size", "2",
                    "--output_path", str(tmp_path / "out")])  # fmt: skip
     assert rc == 0
-    (result,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "out") for f in fs if f.endswith(".json")]
-    with open(result) as f:
-        acc = json.load(f)["results"]["tiny_mc"]["acc,none"]
-    assert acc == pytest.approx(_expected_accuracy(path))
+    assert _written_accuracy(tmp_path / "out") == pytest.approx(_expected_accuracy(path))
+
+
+def test_the_readme_command_runs_with_a_local_task(setup, tmp_path):
+    """The README's `python -m hetgraph lm-eval ...` line as written, with its checkpoint, task and dtype
+    swapped for this test's (hellaswag needs a download)."""
+    path, tasks = setup
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (line,) = [x for x in readme.splitlines() if x.startswith("python -m hetgraph lm-eval ")]
+    argv = shlex.split(line)[3:]
+    argv[argv.index("--tasks") + 1] = "tiny_mc"
+    model_args = argv.index("--model_args") + 1
+    argv[model_args] = argv[model_args].replace("CKPT", path).replace("bfloat16", "float32")
+    argv += ["--device", "cpu", "--include_path", tasks, "--output_path", str(tmp_path / "out")]
+    assert cli_main(argv) == 0
+    assert _written_accuracy(tmp_path / "out") == pytest.approx(_expected_accuracy(path))

@@ -8,6 +8,7 @@ from hetgraph.cache import make_cache
 from hetgraph.errors import HeteroConfigError
 from hetgraph.explain import explain
 from hetgraph.lora import lora_targets
+from hetgraph.warmup import compile_cache_dir, warmup
 from hetgraph.profiling import LatencyTable, profile, profile_variants
 from hetgraph.runtime import generate_with_exported
 from hetgraph.spec import LayerSpec, ModelSpec
@@ -18,6 +19,8 @@ __all__ = [
     "make_cache",
     "explain",
     "lora_targets",
+    "compile_cache_dir",
+    "warmup",
     "export",
     "generate_with_exported",
     "profile",

@@ -161,6 +161,21 @@ def profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def warmup(args: argparse.Namespace) -> int:
+    """Compile the prefill and decode graphs of a checkpoint into a cache directory, for warm starts of later processes."""
+    import torch
+
+    from hetgraph.warmup import warmup as run_warmup
+
+    lens = tuple(int(n) for n in args.prompt_lens.split(",")) if args.prompt_lens else None
+    report = run_warmup(args.path, batch_size=args.batch_size, max_cache_len=args.max_cache_len, prompt_lens=lens,
+                        cache_dir=args.cache_dir, mode=args.mode, dtype=getattr(torch, args.dtype),
+                        device=args.device)  # fmt: skip
+    print(json.dumps(report, indent=2))
+    print(f"a later process compiles from {report['cache_dir']} after hetgraph.compile_cache_dir({report['cache_dir']!r})")
+    return 0
+
+
 def lm_eval(args: argparse.Namespace) -> int:
     """lm-eval's command line with the "hetgraph" model type registered (needs `pip install 'hetgraph[lm-eval]'`)."""
     from hetgraph.lm_eval import main as lm_eval_main
@@ -252,6 +267,20 @@ COMMANDS: tuple[Command, ...] = (
             _arg("--batch-size", type=int, default=1, help="batch (default 1)"),
             _arg("--repeats", type=int, default=5, help="timed repeats per model and phase (default 5)"),
             _arg("--backend", default="hetgraph", help="torch.compile backend, or none for eager (default hetgraph)"),
+            _arg("--dtype", default="float32", help="parameter dtype (default float32)"),
+            _arg("--device", default="cpu", help="device (default cpu)"),
+        ),
+    ),
+    Command(
+        "warmup",
+        warmup,
+        (
+            _arg("path", help="checkpoint directory (config.json + safetensors)"),
+            _arg("--cache-dir", required=True, help="directory for the compiled graphs (later: hetgraph.compile_cache_dir(DIR))"),
+            _arg("--max-cache-len", type=int, required=True, help="make_cache's max_cache_len the server uses"),
+            _arg("--batch-size", type=int, default=1, help="make_cache's batch_size the server uses (default 1)"),
+            _arg("--prompt-lens", help="comma-separated prompt lengths to run (default: a quarter and a half of max-cache-len)"),
+            _arg("--mode", help="torch.compile mode the server uses (default: none)"),
             _arg("--dtype", default="float32", help="parameter dtype (default float32)"),
             _arg("--device", default="cpu", help="device (default cpu)"),
         ),

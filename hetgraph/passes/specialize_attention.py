@@ -17,10 +17,16 @@ that, the LayerSpec table and the op's shapes this pass chooses, per layer:
 
 Every rewrite computes what the masked SDPA computes (`attention_forms`); the backward is autograd's
 of the same aten ops. The exported programs get the forms too (trace.py inlines them to aten).
+A form's node is marked as a wrapped function with the hash of `attention_forms`' source, so
+AOTAutograd's on-disk cache keeps graphs that hold it (a warm start; see `warmup.py`) and a changed
+form is another key.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import operator
 from dataclasses import dataclass
 
@@ -28,6 +34,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from hetgraph import attention_forms
 from hetgraph.attention import MASK_META
 from hetgraph.attention_forms import band_size, banded_attention, chunked_attention
 from hetgraph.passes._graph import ADD, SDPA, aten, finish, is_op, layer_of, value
@@ -170,8 +177,14 @@ def _rewrite(gm: fx.GraphModule, site: Site, fn, kwargs: dict) -> None:
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(fn, args, kwargs)
     new.meta.update(node.meta)
+    new.meta.update(is_wrapped=True, user_cache_hash=_forms_hash())  # cacheable by AOTAutograd
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+
+
+@functools.cache
+def _forms_hash() -> str:
+    return hashlib.sha256(inspect.getsource(attention_forms).encode()).hexdigest()
 
 
 def _sites(gm: fx.GraphModule):

@@ -33,7 +33,7 @@ def measure(preset_name: str, args) -> dict:
     model = hetgraph.from_config(preset.config)
     shapes = dict(prompt_len=args.prompt_len, context_len=args.context_len, batch_size=1)
     start = time.perf_counter()
-    table = hetgraph.profile(model, **shapes, repeats=args.repeats, depths=(1, 1 + args.extra_layers))
+    table = hetgraph.profile(model, **shapes, repeats=args.repeats, depths=(args.depth, args.depth + args.extra_layers))
     profile_s = time.perf_counter() - start
     config = model_config_dict(model.config)
     n = len(model_spec(model))
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--context-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--depth", type=int, default=2, help="k1, the variant's layers in the shallow model (default 2, as hetgraph.profile)")
     p.add_argument("--extra-layers", type=int, default=2, help="k2 - k1 of the difference (default 2)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)

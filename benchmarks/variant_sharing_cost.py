@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="drop-attn")
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds (each: a prefill and --steps decode steps per engine)")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--prompt-len", type=int, help="prefill tokens (default: the preset's short prompt)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hetgraph-sharing-")
@@ -42,8 +43,9 @@ def main(argv=None) -> int:
     preset = make_preset(args.preset, 1)
     torch.manual_seed(0)
     model = hetgraph.from_config(preset.config)
-    ids = torch.randint(0, preset.config["vocab_size"], (1, preset.short_prompt))
-    max_len = preset.short_prompt + args.steps + 1
+    prompt_len = args.prompt_len or preset.short_prompt
+    ids = torch.randint(0, preset.config["vocab_size"], (1, prompt_len))
+    max_len = prompt_len + args.steps + 1
     without_grouping = [q.__name__ for q in PASSES if q.__name__ != "group_layer_variants"]
     engines = {
         "inductor": (torch.compile(model.forward, backend="inductor"), StaticCache(config=model.config, max_cache_len=max_len)),
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
     md = [
         f"# Run-time cost of sharing layer variants ({preset.name}, CPU, {os.cpu_count()} cores)", "",
         f"Command: `python benchmarks/variant_sharing_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
-        f"One process, engines interleaved, medians of {args.rounds} prefills ({preset.short_prompt} tokens) "
+        f"One process, engines interleaved, medians of {args.rounds} prefills ({prompt_len} tokens) "
         f"and {args.rounds * args.steps} decode steps each. Compile s: in-process, prefill + decode graphs.", "",
         "| engine | compile s | prefill ms | decode ms/token | prefill / Inductor | decode / Inductor |",
         "|---|---|---|---|---|---|",
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"preset": preset.name, "rounds": args.rounds, "steps": args.steps, "rows": rows}, f, indent=1)
+        json.dump({"preset": preset.name, "prompt_len": prompt_len, "rounds": args.rounds, "steps": args.steps, "rows": rows}, f, indent=1)
     print("\n".join(md))
     return 0
 

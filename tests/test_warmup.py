@@ -87,6 +87,8 @@ def test_warm_start_compiles_nothing_and_never_serves_another_models_graph(check
 
 def test_compile_cache_dir_keeps_the_users_dynamic_sources(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.compiler.config, "dynamic_sources", "L['x']:0")
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", torch._inductor.config.fx_graph_cache)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", torch._functorch.config.enable_autograd_cache)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
     path = hetgraph.compile_cache_dir(tmp_path / "cache")
     assert path == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()

@@ -79,8 +79,9 @@ def main(argv=None) -> int:
                 print(kind, runs[kind][-1], flush=True)
             exact.append(torch.equal(torch.load(os.path.join(tmp, f"cold{r}.pt")),
                                      torch.load(os.path.join(tmp, f"warm{r}.pt"))))  # fmt: skip
-    med = {k: {m: statistics.median(x[m] for x in v) for m in ("first_generate_s", "process_s")} for k, v in runs.items()}
-    ratio = {m: med["warm"][m] / med["cold"][m] for m in ("first_generate_s", "process_s")}
+    metrics = ("first_generate_s", "process_s")
+    med = {k: {m: statistics.median(x[m] for x in v) for m in metrics} for k, v in runs.items()}
+    ratio = {m: med["warm"][m] / med["cold"][m] for m in metrics}
     result = {"preset": preset.name, "layers": preset.config["num_hidden_layers"], "prompt": preset.long_prompt,
               "runs": runs, "median": med, "warm_over_cold": ratio, "logits_bit_equal": exact,
               "torch": torch.__version__}  # fmt: skip

@@ -8,10 +8,10 @@ from hetgraph.cache import make_cache
 from hetgraph.errors import HeteroConfigError
 from hetgraph.explain import explain
 from hetgraph.lora import lora_targets
-from hetgraph.warmup import compile_cache_dir, warmup
 from hetgraph.profiling import LatencyTable, profile, profile_variants
 from hetgraph.runtime import generate_with_exported
 from hetgraph.spec import LayerSpec, ModelSpec
+from hetgraph.warmup import compile_cache_dir, warmup
 
 __all__ = [
     "from_config",

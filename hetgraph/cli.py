@@ -162,7 +162,7 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def warmup(args: argparse.Namespace) -> int:
-    """Compile the prefill and decode graphs of a checkpoint into a cache directory, for warm starts of later processes."""
+    """Compile a checkpoint's prefill and decode graphs into a cache directory, for warm starts of later processes."""
     import torch
 
     from hetgraph.warmup import warmup as run_warmup
@@ -189,6 +189,12 @@ def bench(args: argparse.Namespace) -> int:
 
     return bench_main(args.bench_args)
 
+
+# The model's parameter dtype and device, for the commands that build and run one.
+DTYPE_DEVICE = (
+    _arg("--dtype", default="float32", help="parameter dtype (default float32)"),
+    _arg("--device", default="cpu", help="device (default cpu)"),
+)
 
 COMMANDS: tuple[Command, ...] = (
     Command(
@@ -267,8 +273,7 @@ COMMANDS: tuple[Command, ...] = (
             _arg("--batch-size", type=int, default=1, help="batch (default 1)"),
             _arg("--repeats", type=int, default=5, help="timed repeats per model and phase (default 5)"),
             _arg("--backend", default="hetgraph", help="torch.compile backend, or none for eager (default hetgraph)"),
-            _arg("--dtype", default="float32", help="parameter dtype (default float32)"),
-            _arg("--device", default="cpu", help="device (default cpu)"),
+            *DTYPE_DEVICE,
         ),
     ),
     Command(
@@ -276,13 +281,14 @@ COMMANDS: tuple[Command, ...] = (
         warmup,
         (
             _arg("path", help="checkpoint directory (config.json + safetensors)"),
-            _arg("--cache-dir", required=True, help="directory for the compiled graphs (later: hetgraph.compile_cache_dir(DIR))"),
+            _arg("--cache-dir", required=True,
+                 help="directory for the compiled graphs (later: hetgraph.compile_cache_dir(DIR))"),
             _arg("--max-cache-len", type=int, required=True, help="make_cache's max_cache_len the server uses"),
             _arg("--batch-size", type=int, default=1, help="make_cache's batch_size the server uses (default 1)"),
-            _arg("--prompt-lens", help="comma-separated prompt lengths to run (default: a quarter and a half of max-cache-len)"),
+            _arg("--prompt-lens",
+                 help="comma-separated prompt lengths to run (default: a quarter and a half of max-cache-len)"),
             _arg("--mode", help="torch.compile mode the server uses (default: none)"),
-            _arg("--dtype", default="float32", help="parameter dtype (default float32)"),
-            _arg("--device", default="cpu", help="device (default cpu)"),
+            *DTYPE_DEVICE,
         ),
     ),
     Command("bench", bench, (_arg("bench_args", nargs=argparse.REMAINDER, help="options of benchmarks/run.py"),)),

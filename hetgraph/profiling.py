@@ -5,10 +5,11 @@ A layer is timed on the real path (the stock modeling code, `make_cache`, the ch
 backend), by difference: for a variant v, models `[anchor] + [v] * k` are compiled for two depths
 k1 < k2 and timed interleaved; the variant's cost is the time difference over the extra layers,
 `(t(k2) - t(k1)) / (k2 - k1)`, with k1 >= 2 by default so the variant is a shared subgraph in both
-models (as in any model where it repeats; with k1 = 1 the lone layer is inlined in the shallow model
-and the difference mixes inlined and shared costs: on `drop-attn` the decode error went from
--9% to 0%, the prefill error from +30% to +16%, `benchmarks/profile_accuracy.py`). The anchor is the model's first attention layer (a model needs one,
-see `ModelSpec.from_config`); the fixed part (embedding, final norm, head, per-step overhead) is
+models, as in any model where it repeats (with k1 = 1 its lone layer is inlined in the shallow model
+and the difference mixes inlined and shared costs; on `drop-attn`, back-to-back runs of
+`benchmarks/profile_accuracy.py` gave decode errors of -9% / -12% with k1 = 1 and 0% / -3% with
+k1 = 2). The anchor is the model's first attention layer (a model needs one, see
+`ModelSpec.from_config`); the fixed part (embedding, final norm, head, per-step overhead) is
 what the anchor's own models leave: `t(k1) - (k1 + 1) * cost(anchor)`. Differences of medians are
 noisy where a layer costs little against the fixed part: more `repeats`, or a larger `k2`, help.
 

@@ -12,6 +12,7 @@ graph as dynamo produced it, with a warning naming the pass (or raises, with
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -101,6 +102,10 @@ class HetgraphBackend:
         self.reports: list[GraphReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
+        with _no_disk_caches_if_sharded(gm, example_inputs) as patches:
+            return self._compile(gm, example_inputs, {**self.patches, **patches})
+
+    def _compile(self, gm: fx.GraphModule, example_inputs, patches: dict[str, Any]):
         from torch._inductor.compile_fx import compile_fx
 
         ctx = context_from_inputs(gm, example_inputs)
@@ -120,7 +125,7 @@ class HetgraphBackend:
                 logger.info("hetgraph %s: layer %s: %s", record.name, layer, reason)
         if work is not gm:
             try:
-                return compile_fx(work, example_inputs, config_patches=self.patches)
+                return compile_fx(work, example_inputs, config_patches=patches)
             except Exception as e:
                 # Inductor refusing the specialized graph is a hetgraph bug; the unchanged graph
                 # still computes the right thing.
@@ -129,7 +134,32 @@ class HetgraphBackend:
                 reason = f"Inductor: {type(e).__name__}: {_first_line(e)}"
                 logger.warning("hetgraph: %s on the specialized graph; compiling the graph unchanged", reason)
                 report.fallback, report.gm = reason, gm
-        return compile_fx(gm, example_inputs, config_patches=self.patches)
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+@contextlib.contextmanager
+def _no_disk_caches_if_sharded(gm: fx.GraphModule, example_inputs):
+    """Inductor's and AOTAutograd's disk caches off for a graph of a tensor-parallel model.
+
+    Their keys hold a DTensor's global shape, not this rank's slice of it, so ranks sharing a cache
+    directory are served each other's graphs: with an MLP width that does not divide, rank 0 ran
+    rank 1's graph (49 vs 48 rows; NaN logits with size asserts off, an assertion with them on; torch
+    2.13). Yields the Inductor config patches to add.
+    """
+    if not torch.distributed.is_available():
+        yield {}
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(x, DTensor) for x in example_inputs) or any(
+        n.op == "call_function" and "c10d" in str(getattr(n.target, "__module__", "")) + str(n.target)
+        for n in gm.graph.nodes
+    )
+    if not sharded:
+        yield {}
+        return
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        yield {"fx_graph_cache": False}
 
 
 def _first_line(e: BaseException) -> str:

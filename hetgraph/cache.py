@@ -186,9 +186,15 @@ def ideal_kv_bytes(spec: ModelSpec, batch_size: int, max_cache_len: int, dtype: 
     return total
 
 
+#: set on a model by `hetgraph.distributed.tensor_parallel`: {"tp_size": N, "kv_heads": [this rank's KV
+#: heads per layer]}; `make_cache` then holds each rank's own KV heads only.
+TENSOR_PARALLEL_ATTR = "hetgraph_tensor_parallel"
+
+
 def make_cache(model, *, batch_size: int, max_cache_len: int, dtype: torch.dtype | None = None) -> HeteroCache:
     """A static cache for a hetgraph-built model, allocated now at its final size and address."""
     spec = model_spec(model)
+    tp = getattr(model, TENSOR_PARALLEL_ATTR, None)
     if batch_size <= 0 or max_cache_len <= 0:
         raise ValueError(f"make_cache: batch_size={batch_size} and max_cache_len={max_cache_len} must be positive")
     dtype = dtype or model.dtype
@@ -204,7 +210,8 @@ def make_cache(model, *, batch_size: int, max_cache_len: int, dtype: torch.dtype
         kind, size = s.window
         layer = StaticFullLayer(max_cache_len) if size is None else StaticWindowLayer(max_cache_len, size)
         layer.layer_index = s.index  # for error messages
-        empty = torch.zeros((batch_size, s.num_key_value_heads, 0, s.head_dim), dtype=dtype, device=device)
+        kv_heads = s.num_key_value_heads if tp is None else tp["kv_heads"][s.index]
+        empty = torch.zeros((batch_size, kv_heads, 0, s.head_dim), dtype=dtype, device=device)
         layer.lazy_initialization(empty, empty)
         layers.append(layer)
     return HeteroCache(layers, max_cache_len=max_cache_len, batch_size=batch_size)

@@ -1,0 +1,113 @@
+"""`hetgraph.distributed.tp_plan` / `tensor_parallel`: the per-layer plan (no head split, no entry for
+a removed or linear block), and two gloo ranks on CPU whose sharded model, eager and compiled with
+backend="hetgraph", gives the single-process model's greedy tokens and logits, with each rank's
+cache holding its own KV heads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import hetgraph
+from hetgraph.distributed import attention_split, tp_plan
+from support.models import VOCAB
+
+CONFIG = dict(
+    model_type="llama", hidden_size=64, num_hidden_layers=6, vocab_size=VOCAB, intermediate_size=128,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    per_layer_config={
+        0: {"num_key_value_heads": 1},  # one KV head on two ranks: k/v replicated
+        1: {"skip": ["attention"]},
+        2: {"num_attention_heads": 3, "num_key_value_heads": 1},  # 3 heads: the attention replicated
+        3: {"intermediate_size": 97},  # a width that does not divide
+        4: {"linear": ["mlp"]},
+        5: {"skip": ["mlp"], "sliding_window": 4},
+    },
+)  # fmt: skip
+
+WORKER = textwrap.dedent(
+    """
+    import json, sys, torch, torch.distributed as dist, hetgraph
+    from torch.distributed.device_mesh import init_device_mesh
+    from hetgraph.distributed import tensor_parallel
+    rank, store, out, config = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    config["per_layer_config"] = {int(k): v for k, v in config["per_layer_config"].items()}
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = hetgraph.from_config(config)
+    ids = torch.tensor([[(5 * i + 1) % 128 for i in range(11)]])
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+                  return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = model.generate(ids, cache=hetgraph.make_cache(model, batch_size=1, max_cache_len=32), **greedy)
+        tensor_parallel(model, init_device_mesh("cpu", (2,)))
+        cache = hetgraph.make_cache(model, batch_size=1, max_cache_len=32)
+        got = model.generate(ids, cache=cache, **greedy)
+        model.forward = torch.compile(model.forward, backend="hetgraph", fullgraph=True)
+        compiled = model.generate(ids, cache=hetgraph.make_cache(model, batch_size=1, max_cache_len=32), **greedy)
+    heads = [None if not hasattr(layer, "keys") or layer.keys is None else layer.keys.shape[1] for layer in cache.layers]
+    result = {"cache_kv_heads": heads}
+    for name, run in (("eager", got), ("compiled", compiled)):
+        result[name] = {"same_tokens": torch.equal(run.sequences, ref.sequences),
+                        "max_logit_diff": (torch.stack(run.logits) - torch.stack(ref.logits)).abs().max().item()}
+    with open(out, "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_plan_never_splits_a_head_and_skips_removed_and_linear_blocks():
+    torch.manual_seed(0)
+    model = hetgraph.from_config(CONFIG)
+    spec = hetgraph.contract.model_spec(model)
+    assert [attention_split(s, 2) for s in spec] == ["kv-replicated", "none", "replicated", "sharded", "sharded",
+                                                     "sharded"]  # fmt: skip
+    plan = tp_plan(model, 2)
+    attn = lambda i, p: f"model.layers.{i}.self_attn.{p}"  # noqa: E731
+    assert plan[attn(0, "q_proj")] == plan[attn(0, "q_proj.weight")] == "colwise"
+    assert plan[attn(0, "o_proj")] == "rowwise" and attn(0, "k_proj") not in plan and attn(0, "v_proj") not in plan
+    assert not any(k.startswith((attn(1, ""), attn(2, ""))) for k in plan)  # removed; replicated
+    assert plan[attn(3, "k_proj.weight")] == "colwise" and plan["model.layers.3.mlp.down_proj.weight"] == "rowwise"
+    assert not any(k.startswith(("model.layers.4.mlp", "model.layers.5.mlp")) for k in plan)  # linear; removed
+    assert all(v in ("colwise", "rowwise") for v in plan.values())
+    assert attention_split(spec[3], 4) == "replicated"  # 4 query heads, 2 KV heads on 4 ranks
+
+
+def test_plan_refuses_a_family_it_does_not_split():
+    from support.models import hetero_config
+
+    model = hetgraph.from_config(hetero_config("gpt_oss"))
+    with pytest.raises(hetgraph.HeteroConfigError, match="family 'gpt_oss' is not supported yet; supported: llama"):
+        tp_plan(model, 2)
+
+
+def test_two_gloo_ranks_give_the_single_process_tokens_and_logits(tmp_path):
+    """Twice, the second time with the first run's Inductor cache: the ranks' graphs differ (an MLP
+    width that does not divide) under cache keys that do not, so the backend keeps them out of the
+    disk caches (rank 0 was served rank 1's graph: NaN logits)."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    for attempt in ("cold", "warm"):
+        run = tmp_path / attempt
+        run.mkdir()
+        procs = [
+            subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(run / "store"), str(run / f"{r}.json"),
+                              json.dumps(CONFIG)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)  # fmt: skip
+            for r in range(2)
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+        for r in range(2):
+            result = json.loads((run / f"{r}.json").read_text())
+            for mode in ("eager", "compiled"):  # compiled: torch.compile(backend="hetgraph") on the sharded model
+                assert result[mode]["same_tokens"] and result[mode]["max_logit_diff"] < 1e-5, (attempt, result)
+            # layer 0: its one KV head on both ranks; 2: all (replicated); 3-5: 2 KV heads split in two
+            assert result["cache_kv_heads"] == [1, None, 1, 1, 1, 1], result

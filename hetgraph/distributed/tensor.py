@@ -18,7 +18,7 @@ the LayerSpec table, with transformers' own styles (`colwise`, `rowwise`, applie
 
 `tensor_parallel(model, device_mesh)` applies it in place and records each layer's local KV heads,
 which `make_cache` then allocates (each rank holds its own KV heads only). Llama-family models
-(llama, mistral, qwen2, qwen3); other families are refused by name.
+(`arch.llama.LLAMA_FAMILY`); other families are refused by name.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import logging
 
 import torch
 
+from hetgraph.arch.llama import LLAMA_FAMILY
 from hetgraph.cache import TENSOR_PARALLEL_ATTR
 from hetgraph.contract import model_spec
 from hetgraph.errors import HeteroConfigError
@@ -34,7 +35,9 @@ from hetgraph.spec import FULL, LayerSpec
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+#: the families whose layers this plan splits: the Llama family's (one attention with q/k/v/o_proj, one
+#: gated MLP); GptOss's sinks and experts, Llama4's experts and NemotronH's mamba need their own styles.
+FAMILIES = tuple(adapter.name for adapter in LLAMA_FAMILY)
 
 
 def attention_split(s: LayerSpec, tp_size: int) -> str:

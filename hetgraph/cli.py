@@ -176,6 +176,13 @@ def warmup(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    """Greedy (or sampled) generation from token ids; with --tp / --pp under torchrun, over several processes."""
+    from hetgraph.distributed.run import generate_command
+
+    return generate_command(args)
+
+
 def lm_eval(args: argparse.Namespace) -> int:
     """lm-eval's command line with the "hetgraph" model type registered (needs `pip install 'hetgraph[lm-eval]'`)."""
     from hetgraph.lm_eval import main as lm_eval_main
@@ -288,6 +295,25 @@ COMMANDS: tuple[Command, ...] = (
             _arg("--prompt-lens",
                  help="comma-separated prompt lengths to run (default: a quarter and a half of max-cache-len)"),
             _arg("--mode", help="torch.compile mode the server uses (default: none)"),
+            *DTYPE_DEVICE,
+        ),
+    ),
+    Command(
+        "generate",
+        generate,
+        (
+            _arg("path", help="checkpoint directory (config.json + safetensors)"),
+            _arg("--prompt-ids", required=True, help="comma-separated token ids of the prompt, e.g. 1,2,3"),
+            _arg("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)"),
+            _arg("--tp", type=int, help="tensor parallel over this many processes (run under torchrun)"),
+            _arg("--pp", type=int, help="pipeline stages, one per process (run under torchrun)"),
+            _arg("--split", default="balanced",
+                 help="--pp layer split: balanced (by parameter bytes), even, or counts per stage like 4,4,2"),
+            _arg("--compile", action="store_true", help='torch.compile the forward with backend="hetgraph"'),
+            _arg("--sample", action="store_true", help="sample (softmax at --temperature) instead of greedy"),
+            _arg("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)"),
+            _arg("--seed", type=int, default=0, help="sampling seed (default 0)"),
+            _arg("--json", action="store_true", help="print {\"tokens\": [...]} as JSON"),
             *DTYPE_DEVICE,
         ),
     ),

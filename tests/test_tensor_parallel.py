@@ -51,7 +51,7 @@ WORKER = textwrap.dedent(
         got = model.generate(ids, cache=cache, **greedy)
         model.forward = torch.compile(model.forward, backend="hetgraph", fullgraph=True)
         compiled = model.generate(ids, cache=hetgraph.make_cache(model, batch_size=1, max_cache_len=32), **greedy)
-    heads = [None if not hasattr(layer, "keys") or layer.keys is None else layer.keys.shape[1] for layer in cache.layers]
+    heads = [None if getattr(layer, "keys", None) is None else layer.keys.shape[1] for layer in cache.layers]
     result = {"cache_kv_heads": heads}
     for name, run in (("eager", got), ("compiled", compiled)):
         result[name] = {"same_tokens": torch.equal(run.sequences, ref.sequences),
@@ -61,6 +61,18 @@ WORKER = textwrap.dedent(
     dist.destroy_process_group()
     """
 )
+
+
+def _two_ranks(tmp_path, script: str, *args: str, env=None) -> list[dict]:
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(r), str(tmp_path / "store"), str(tmp_path / f"{r}.json"),
+                          *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        for r in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    return [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
 
 
 def test_plan_never_splits_a_head_and_skips_removed_and_linear_blocks():
@@ -96,18 +108,70 @@ def test_two_gloo_ranks_give_the_single_process_tokens_and_logits(tmp_path):
     for attempt in ("cold", "warm"):
         run = tmp_path / attempt
         run.mkdir()
-        procs = [
-            subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(run / "store"), str(run / f"{r}.json"),
-                              json.dumps(CONFIG)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env)  # fmt: skip
-            for r in range(2)
-        ]
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err[-3000:]
-        for r in range(2):
-            result = json.loads((run / f"{r}.json").read_text())
+        for result in _two_ranks(run, WORKER, json.dumps(CONFIG), env=env):
             for mode in ("eager", "compiled"):  # compiled: torch.compile(backend="hetgraph") on the sharded model
                 assert result[mode]["same_tokens"] and result[mode]["max_logit_diff"] < 1e-5, (attempt, result)
             # layer 0: its one KV head on both ranks; 2: all (replicated); 3-5: 2 KV heads split in two
             assert result["cache_kv_heads"] == [1, None, 1, 1, 1, 1], result
+
+
+PIPELINE_WORKER = textwrap.dedent(
+    """
+    import json, sys, torch, torch.distributed as dist, hetgraph
+    from hetgraph.distributed import pipeline_stage, generate
+    rank, store, out, config, source = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
+    config["per_layer_config"] = {int(k): v for k, v in config["per_layer_config"].items()}
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = hetgraph.from_config(config)
+    ids = torch.tensor([[(5 * i + 1) % 128 for i in range(11)]])
+    with torch.no_grad():
+        ref = model.generate(ids, cache=hetgraph.make_cache(model, batch_size=1, max_cache_len=32), max_new_tokens=6,
+                             do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+                             return_dict_in_generate=True)
+    stage = pipeline_stage(model if source == "model" else source, rank, 2, split=[4, 2])
+    tokens, logits = generate(stage, ids, 6)
+    result = {"layers": list(stage.layers), "same_tokens": torch.equal(tokens, ref.sequences),
+              "params": sum(p.numel() for p in stage.model.model.layers.parameters())}
+    if logits is not None:
+        result["max_logit_diff"] = (logits - torch.stack(ref.logits)).abs().max().item()
+    with open(out, "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.parametrize("source", ["model", "checkpoint"])
+def test_two_pipeline_stages_generate_the_single_process_tokens(tmp_path, checkpoint, source):
+    path = checkpoint(CONFIG) if source == "checkpoint" else "model"
+    first, last = _two_ranks(tmp_path, PIPELINE_WORKER, json.dumps(CONFIG), path)
+    assert first["layers"] == [0, 1, 2, 3] and last["layers"] == [4, 5]
+    assert first["same_tokens"] and last["same_tokens"], (first, last)
+    assert last["max_logit_diff"] < 1e-5, last
+    torch.manual_seed(0)
+    layers = hetgraph.from_config(CONFIG).model.layers
+    for stage, own in ((first, range(0, 4)), (last, range(4, 6))):  # each stage holds only its layers' weights
+        assert stage["params"] == sum(p.numel() for i in own for p in layers[i].parameters())
+
+
+@pytest.mark.slow  # four torchrun / CLI processes, two of them compiling; the parts are tested above
+def test_generate_cli_one_process_tp_and_pp_agree_with_eager(checkpoint):
+    path = checkpoint(CONFIG)
+    model = hetgraph.from_pretrained(path)
+    ids = [3, 14, 15, 92, 65, 35, 89]
+    with torch.no_grad():
+        cache = hetgraph.make_cache(model, batch_size=1, max_cache_len=16)
+        expected = model.generate(torch.tensor([ids]), cache=cache, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                  eos_token_id=None)[0].tolist()  # fmt: skip
+    command = ["-m", "hetgraph", "generate", path, "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", "5",
+               "--json"]  # fmt: skip
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    runs = (([], []), (torchrun, ["--tp", "2"]), (torchrun, ["--pp", "2", "--split", "even"]),
+            (torchrun, ["--pp", "2", "--split", "3,3", "--compile"]))
+    for prefix, extra in runs:
+        out = subprocess.run([sys.executable, *prefix, *command, *extra], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (extra, out.stderr[-3000:])
+        assert json.loads(out.stdout.strip().splitlines()[-1])["tokens"] == expected, extra
+    refused = subprocess.run([sys.executable, *command, "--pp", "2"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "torchrun --nproc-per-node 2" in refused.stderr

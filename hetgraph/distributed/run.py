@@ -1,0 +1,67 @@
+"""`python -m hetgraph generate`: one process, or several under `torchrun` with `--tp N` or `--pp N`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def generate_command(args) -> int:
+    from hetgraph.build import from_pretrained
+    from hetgraph.cache import make_cache
+
+    ids = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])
+    dtype, device = getattr(torch, args.dtype), args.device
+    if args.tp and args.pp:
+        raise SystemExit("error: --tp and --pp together are not supported yet; choose one")
+    parts = args.tp or args.pp
+    rank = 0
+    if parts:
+        rank = _init(parts, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.pp:
+        from hetgraph.distributed.pipeline import generate, pipeline_stage
+
+        split = args.split if args.split in ("balanced", "even") else [int(c) for c in args.split.split(",")]
+        stage = pipeline_stage(args.path, rank, args.pp, split=split, dtype=dtype, device=device)
+        if args.compile:
+            base = getattr(stage.model, "model")
+            base.forward = torch.compile(base.forward, backend="hetgraph")
+        tokens, _ = generate(stage, ids, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                             generator=generator)  # fmt: skip
+    else:
+        model = from_pretrained(args.path, dtype=dtype, device=device)
+        if args.tp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from hetgraph.distributed.tensor import tensor_parallel
+
+            tensor_parallel(model, init_device_mesh(torch.device(device).type, (args.tp,)))
+        cache = make_cache(model, batch_size=1, max_cache_len=ids.shape[1] + args.max_new_tokens)
+        if args.compile:
+            model.forward = torch.compile(model.forward, backend="hetgraph", fullgraph=True)
+        sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else dict(do_sample=False)
+        if args.sample:
+            torch.manual_seed(args.seed)  # every TP rank draws the same token
+        with torch.no_grad():
+            tokens = model.generate(ids.to(device), cache=cache, max_new_tokens=args.max_new_tokens,
+                                    pad_token_id=0, eos_token_id=None, **sampling)  # fmt: skip
+    if rank == 0:
+        out = tokens[0].tolist()
+        print(json.dumps({"tokens": out}) if args.json else " ".join(map(str, out)))
+    if parts:
+        dist.destroy_process_group()
+    return 0
+
+
+def _init(parts: int, device: str) -> int:
+    if "RANK" not in os.environ:
+        raise SystemExit(f"error: --tp/--pp {parts} runs one process per part: start it with "
+                         f"`torchrun --nproc-per-node {parts} -m hetgraph generate ...`")  # fmt: skip
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if dist.get_world_size() != parts:
+        raise SystemExit(f"error: {parts} parts but torchrun started {dist.get_world_size()} processes")
+    return dist.get_rank()

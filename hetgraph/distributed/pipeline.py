@@ -131,6 +131,8 @@ def generate(stage: StageModule, input_ids: torch.Tensor, max_new_tokens: int, *
     """
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be at least 1")
     model = stage.model
     device = next(model.parameters()).device
     b, t = input_ids.shape

@@ -313,7 +313,9 @@ COMMANDS: tuple[Command, ...] = (
             _arg("--sample", action="store_true", help="sample (softmax at --temperature) instead of greedy"),
             _arg("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)"),
             _arg("--seed", type=int, default=0, help="sampling seed (default 0)"),
-            _arg("--json", action="store_true", help="print {\"tokens\": [...]} as JSON"),
+            _arg("--json", action="store_true",
+                 help="print one JSON line: tokens (prompt included), ms_per_token (generate's wall time per new "
+                      "token), and with --pp the stages' [start, stop) layer ranges"),
             *DTYPE_DEVICE,
         ),
     ),

@@ -172,6 +172,9 @@ def test_generate_cli_one_process_tp_and_pp_agree_with_eager(checkpoint):
     for prefix, extra in runs:
         out = subprocess.run([sys.executable, *prefix, *command, *extra], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, (extra, out.stderr[-3000:])
-        assert json.loads(out.stdout.strip().splitlines()[-1])["tokens"] == expected, extra
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        assert report["tokens"] == expected and report["ms_per_token"] > 0, extra
+        if "--pp" in extra:
+            assert report["stages"] == ([[0, 3], [3, 6]]), report
     refused = subprocess.run([sys.executable, *command, "--pp", "2"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "torchrun --nproc-per-node 2" in refused.stderr

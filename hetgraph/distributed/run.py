@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -22,11 +23,17 @@ def generate_command(args) -> int:
     if parts:
         rank = _init(parts, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    stages = None
+    start = time.perf_counter()
     if args.pp:
         from hetgraph.distributed.pipeline import generate, pipeline_stage
 
         split = args.split if args.split in ("balanced", "even") else [int(c) for c in args.split.split(",")]
         stage = pipeline_stage(args.path, rank, args.pp, split=split, dtype=dtype, device=device)
+        gathered = [None] * args.pp
+        dist.all_gather_object(gathered, [stage.layers.start, stage.layers.stop])
+        stages = gathered
+        start = time.perf_counter()
         if args.compile:
             base = getattr(stage.model, "model")
             base.forward = torch.compile(base.forward, backend="hetgraph")
@@ -41,6 +48,7 @@ def generate_command(args) -> int:
 
             tensor_parallel(model, init_device_mesh(torch.device(device).type, (args.tp,)))
         cache = make_cache(model, batch_size=1, max_cache_len=ids.shape[1] + args.max_new_tokens)
+        start = time.perf_counter()
         if args.compile:
             model.forward = torch.compile(model.forward, backend="hetgraph", fullgraph=True)
         sampling = dict(do_sample=True, temperature=args.temperature) if args.sample else dict(do_sample=False)
@@ -49,9 +57,13 @@ def generate_command(args) -> int:
         with torch.no_grad():
             tokens = model.generate(ids.to(device), cache=cache, max_new_tokens=args.max_new_tokens,
                                     pad_token_id=0, eos_token_id=None, **sampling)  # fmt: skip
+    ms_per_token = (time.perf_counter() - start) * 1e3 / args.max_new_tokens  # compile included with --compile
     if rank == 0:
         out = tokens[0].tolist()
-        print(json.dumps({"tokens": out}) if args.json else " ".join(map(str, out)))
+        report = {"tokens": out, "ms_per_token": round(ms_per_token, 3)}
+        if stages is not None:
+            report["stages"] = stages  # [start, stop) layer range of each stage
+        print(json.dumps(report) if args.json else " ".join(map(str, out)))
     if parts:
         dist.destroy_process_group()
     return 0

@@ -51,9 +51,8 @@ def stage_config(config: dict, layers: range) -> dict:
     """`config` (a config.json dict) with every layer outside `layers` removed."""
     d = dict(config)
     entries = {int(k): v for k, v in (d.get("per_layer_config") or {}).items()}
-    d["per_layer_config"] = {i: (entries.get(i, {}) if i in layers else dict(REMOVED))
-                             for i in range(d["num_hidden_layers"])}  # fmt: skip
-    d["per_layer_config"] = {i: e for i, e in d["per_layer_config"].items() if e}
+    d["per_layer_config"] = {i: entries[i] if i in layers else dict(REMOVED)
+                             for i in range(d["num_hidden_layers"]) if i not in layers or entries.get(i)}  # fmt: skip
     return d
 
 
@@ -66,19 +65,22 @@ class StageModule(torch.nn.Module):
         self.model, self.layers = model, layers
         self.stage_index, self.num_stages = stage_index, num_stages
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
-        base = getattr(model, model_spec(model).adapter.base_model_attr)
+        self._base_attr = model_spec(model).adapter.base_model_attr
         if not self.is_last:
-            base.norm = torch.nn.Identity()  # the next stage continues from the un-normed residual stream
+            self.base.norm = torch.nn.Identity()  # the next stage continues from the un-normed residual stream
         self.cache = None
+
+    @property
+    def base(self) -> torch.nn.Module:
+        """The decoder stack (e.g. `LlamaModel`), the part a stage runs before the head."""
+        return getattr(self.model, self._base_attr)
 
     def reset_cache(self, batch_size: int, max_cache_len: int) -> None:
         self.cache = make_cache(self.model, batch_size=batch_size, max_cache_len=max_cache_len)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spec = model_spec(self.model)
-        base = getattr(self.model, spec.adapter.base_model_attr)
         inputs = {"input_ids": x} if self.is_first else {"inputs_embeds": x}
-        hidden = base(**inputs, past_key_values=self.cache, use_cache=True).last_hidden_state
+        hidden = self.base(**inputs, past_key_values=self.cache, use_cache=True).last_hidden_state
         return self.model.lm_head(hidden[:, -1:]) if self.is_last else hidden
 
 

@@ -24,7 +24,6 @@ def generate_command(args) -> int:
         rank = _init(parts, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     stages = None
-    start = time.perf_counter()
     if args.pp:
         from hetgraph.distributed.pipeline import generate, pipeline_stage
 
@@ -35,8 +34,7 @@ def generate_command(args) -> int:
         stages = gathered
         start = time.perf_counter()
         if args.compile:
-            base = getattr(stage.model, "model")
-            base.forward = torch.compile(base.forward, backend="hetgraph")
+            stage.base.forward = torch.compile(stage.base.forward, backend="hetgraph")
         tokens, _ = generate(stage, ids, args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                              generator=generator)  # fmt: skip
     else:

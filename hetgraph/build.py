@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from hetgraph import attention, slicing, stock_guard
+from hetgraph import placement as placement_mod
 from hetgraph.arch import FamilyAdapter
 from hetgraph.checkpoint import check_tensors
 from hetgraph.configs import config_from_dict, model_config_dict, normalize_config
@@ -289,9 +290,13 @@ def build_skeleton(config, attn_implementation: str | None = None) -> tuple[PreT
     return model, spec
 
 
-def materialize(model, spec, *, device, dtype) -> None:
-    """Give every meta tensor real (uninitialised) storage; parameters in `dtype`, RoPE buffers in fp32."""
-    model.to_empty(device=device)
+def materialize(model, spec, *, device, dtype, placement=None) -> None:
+    """Give every meta tensor real (uninitialised) storage, on `device` or on each unit's device of a
+    resolved `placement`; parameters in `dtype`, RoPE buffers in fp32."""
+    if placement is None:
+        model.to_empty(device=device)
+    else:
+        placement_mod.place(model, placement)
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.dtype != dtype:
@@ -300,11 +305,14 @@ def materialize(model, spec, *, device, dtype) -> None:
         model._init_weights(getattr(getattr(model, spec.adapter.base_model_attr), spec.adapter.rotary))
 
 
-def from_config(config, *, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None):
-    """A randomly initialised heterogeneous model of the family's stock `*ForCausalLM` class."""
+def from_config(config, *, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None,
+                device_map=None, max_memory: Mapping | None = None):  # fmt: skip
+    """A randomly initialised heterogeneous model of the family's stock `*ForCausalLM` class
+    (`device_map` / `max_memory` as in `from_pretrained`)."""
     model, spec = build_skeleton(config, attn_implementation)
     dtype = dtype or torch.float32
-    materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype)
+    placement = _placement(model, spec, device, device_map, max_memory, dtype)
+    materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype, placement=placement)
     if spec.adapter.init_layer is not None:
         # What the stock `_init_weights` would size from the global config, initialised per layer.
         base = getattr(model, spec.adapter.base_model_attr)
@@ -313,8 +321,22 @@ def from_config(config, *, dtype: torch.dtype | None = None, device=None, attn_i
     model.initialize_weights()
     model.tie_weights()
     _install_runtime(model, spec, model.config._attn_implementation)
+    if placement is not None:
+        placement_mod.dispatch(model, placement)
     model.eval()
     return model
+
+
+def _placement(model, spec, device, device_map, max_memory, dtype):
+    """The resolved device map, or None for one device."""
+    if device_map is None:
+        if max_memory is not None:
+            raise ValueError("max_memory goes with device_map='auto'")
+        return None
+    if device is not None:
+        raise ValueError(f"device={device!r} and device_map={device_map!r}: give one of them")
+    return placement_mod.resolve_device_map(model, spec.adapter.base_model_attr, device_map, dtype=dtype,
+                                            max_memory=max_memory)  # fmt: skip
 
 
 def expected_tensors(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
@@ -355,6 +377,8 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device=None,
     attn_implementation: str | None = None,
+    device_map=None,
+    max_memory: Mapping | None = None,
 ):
     """Load a local checkpoint directory (config.json + safetensors) onto the stock class.
 
@@ -364,7 +388,9 @@ def from_pretrained(
     not read, narrower MLPs and fewer heads take the channels / heads `prune` keeps ("first",
     "magnitude" or a callable: `hetgraph.slicing`). A plan the weights cannot satisfy is an error
     naming the layer and the tensor. `infer_shapes=True` reads a pruned checkpoint saved under its
-    parent's config (LLM-Pruner, FLAP): see `checkpoint_skeleton`.
+    parent's config (LLM-Pruner, FLAP): see `checkpoint_skeleton`. `device_map` ("auto", a device,
+    or module name -> device) places whole modules on several devices, each tensor read straight
+    onto its device (`hetgraph.placement`); `max_memory` caps each device for "auto".
     """
     ckpt = open_checkpoint(path)
     parent, parent_spec = checkpoint_skeleton(ckpt, attn_implementation, infer_shapes=infer_shapes)
@@ -376,12 +402,15 @@ def from_pretrained(
         model, spec = build_skeleton(config, attn_implementation)
         tensors = slicing.cut_tensors(parent_spec, spec, expected_tensors(model), index.load, prune)
     dtype = dtype or _config_dtype(model.config)
-    materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype)
+    placement = _placement(model, spec, device, device_map, max_memory, dtype)
+    materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype, placement=placement)
     params = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
         for name, tensor in tensors:
             params[name].copy_(tensor)
     model.tie_weights()
     _install_runtime(model, spec, model.config._attn_implementation)
+    if placement is not None:
+        placement_mod.dispatch(model, placement)
     model.eval()
     return model

@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import Cache, DummyLayer, LinearAttentionLayer, StaticLayer
 
 from hetgraph.contract import model_spec
+from hetgraph.placement import layer_device
 from hetgraph.spec import ModelSpec
 
 
@@ -198,9 +199,10 @@ def make_cache(model, *, batch_size: int, max_cache_len: int, dtype: torch.dtype
     if batch_size <= 0 or max_cache_len <= 0:
         raise ValueError(f"make_cache: batch_size={batch_size} and max_cache_len={max_cache_len} must be positive")
     dtype = dtype or model.dtype
-    device = model.device
+    stack = getattr(model, spec.adapter.base_model_attr).layers
     layers = []
     for s in spec:
+        device = layer_device(model, stack[s.index])  # each layer's cache beside its weights (device maps)
         if s.has_mamba:
             layers.append(_mamba_layer(s, batch_size, dtype, device))
             continue

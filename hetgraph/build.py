@@ -292,17 +292,15 @@ def build_skeleton(config, attn_implementation: str | None = None) -> tuple[PreT
 
 def materialize(model, spec, *, device, dtype, placement=None) -> None:
     """Give every meta tensor real (uninitialised) storage, on `device` or on each unit's device of a
-    resolved `placement`; parameters in `dtype`, RoPE buffers in fp32."""
-    if placement is None:
-        model.to_empty(device=device)
-    else:
-        placement_mod.place(model, placement)
+    resolved `placement` (then with its input-moving hooks); parameters in `dtype`, RoPE buffers in fp32."""
+    placement_mod.place(model, placement, device)
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.dtype != dtype:
                 setattr(module, name, nn.Parameter(param.data.to(dtype), requires_grad=param.requires_grad))
     if spec.adapter.rotary is not None:  # its inverse frequencies are buffers: computed, not loaded
         model._init_weights(getattr(getattr(model, spec.adapter.base_model_attr), spec.adapter.rotary))
+    placement_mod.dispatch(model, placement)
 
 
 def from_config(config, *, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None,
@@ -311,7 +309,7 @@ def from_config(config, *, dtype: torch.dtype | None = None, device=None, attn_i
     (`device_map` / `max_memory` as in `from_pretrained`)."""
     model, spec = build_skeleton(config, attn_implementation)
     dtype = dtype or torch.float32
-    placement = _placement(model, spec, device, device_map, max_memory, dtype)
+    placement = placement_mod.requested(model, spec.adapter.base_model_attr, device, device_map, max_memory, dtype)
     materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype, placement=placement)
     if spec.adapter.init_layer is not None:
         # What the stock `_init_weights` would size from the global config, initialised per layer.
@@ -321,22 +319,8 @@ def from_config(config, *, dtype: torch.dtype | None = None, device=None, attn_i
     model.initialize_weights()
     model.tie_weights()
     _install_runtime(model, spec, model.config._attn_implementation)
-    if placement is not None:
-        placement_mod.dispatch(model, placement)
     model.eval()
     return model
-
-
-def _placement(model, spec, device, device_map, max_memory, dtype):
-    """The resolved device map, or None for one device."""
-    if device_map is None:
-        if max_memory is not None:
-            raise ValueError("max_memory goes with device_map='auto'")
-        return None
-    if device is not None:
-        raise ValueError(f"device={device!r} and device_map={device_map!r}: give one of them")
-    return placement_mod.resolve_device_map(model, spec.adapter.base_model_attr, device_map, dtype=dtype,
-                                            max_memory=max_memory)  # fmt: skip
 
 
 def expected_tensors(model: PreTrainedModel) -> dict[str, tuple[int, ...]]:
@@ -402,7 +386,7 @@ def from_pretrained(
         model, spec = build_skeleton(config, attn_implementation)
         tensors = slicing.cut_tensors(parent_spec, spec, expected_tensors(model), index.load, prune)
     dtype = dtype or _config_dtype(model.config)
-    placement = _placement(model, spec, device, device_map, max_memory, dtype)
+    placement = placement_mod.requested(model, spec.adapter.base_model_attr, device, device_map, max_memory, dtype)
     materialize(model, spec, device=torch.device(device or "cpu"), dtype=dtype, placement=placement)
     params = dict(model.state_dict(keep_vars=True))
     with torch.no_grad():
@@ -410,7 +394,5 @@ def from_pretrained(
             params[name].copy_(tensor)
     model.tie_weights()
     _install_runtime(model, spec, model.config._attn_implementation)
-    if placement is not None:
-        placement_mod.dispatch(model, placement)
     model.eval()
     return model

@@ -65,6 +65,17 @@ def resolve_device_map(model: torch.nn.Module, base_attr: str, device_map, *, dt
     return resolved
 
 
+def requested(model, base_attr: str, device, device_map, max_memory, dtype) -> dict[str, torch.device] | None:
+    """The resolved map for a build's `device` / `device_map` / `max_memory` arguments; None for one device."""
+    if device_map is None:
+        if max_memory is not None:
+            raise ValueError("max_memory goes with device_map='auto'")
+        return None
+    if device is not None:
+        raise ValueError(f"device={device!r} and device_map={device_map!r}: give one of them")
+    return resolve_device_map(model, base_attr, device_map, dtype=dtype, max_memory=max_memory)
+
+
 def placement_units(model: torch.nn.Module, base_attr: str) -> list[str]:
     """The modules a device map places whole, in forward order: the base model's children (each
     decoder layer on its own), then the model's other children (the head)."""
@@ -79,8 +90,11 @@ def placement_units(model: torch.nn.Module, base_attr: str) -> list[str]:
     return units
 
 
-def place(model: torch.nn.Module, placement: Mapping[str, torch.device]) -> None:
-    """Give every (meta) tensor storage on its unit's device."""
+def place(model: torch.nn.Module, placement: Mapping[str, torch.device] | None, device: torch.device) -> None:
+    """Give every (meta) tensor storage on its unit's device (all on `device` without a placement)."""
+    if placement is None:
+        model.to_empty(device=device)
+        return
     for unit, device in placement.items():
         model.get_submodule(unit).to_empty(device=device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -88,9 +102,9 @@ def place(model: torch.nn.Module, placement: Mapping[str, torch.device]) -> None
         raise ValueError(f"device_map: {left[0]!r} is in no placement unit of {type(model).__name__}")
 
 
-def dispatch(model: torch.nn.Module, placement: Mapping[str, torch.device]) -> None:
+def dispatch(model: torch.nn.Module, placement: Mapping[str, torch.device] | None) -> None:
     """Where the units sit on more than one device: input-moving pre-hooks and `hf_device_map`."""
-    if len(set(placement.values())) < 2:
+    if placement is None or len(set(placement.values())) < 2:
         return
     for unit, device in placement.items():
         model.get_submodule(unit).register_forward_pre_hook(_to_device(device), with_kwargs=True)

@@ -307,6 +307,10 @@ COMMANDS: tuple[Command, ...] = (
             _arg("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)"),
             _arg("--tp", type=int, help="tensor parallel over this many processes (run under torchrun)"),
             _arg("--pp", type=int, help="pipeline stages, one per process (run under torchrun)"),
+            _arg("--no-replicate", action="store_true",
+                 help="--tp: refuse a layer whose attention does not split over the ranks instead of replicating it"),
+            _arg("--device-map", help="one process: place the layers over devices (auto, or a device), as "
+                                      "from_pretrained(device_map=...)"),
             _arg("--split", default="balanced",
                  help="--pp layer split: balanced (by parameter bytes), even, or counts per stage like 4,4,2"),
             _arg("--compile", action="store_true", help='torch.compile the forward with backend="hetgraph"'),

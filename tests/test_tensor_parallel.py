@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hetgraph
-from hetgraph.distributed import attention_split, tp_plan
+from hetgraph.distributed import attention_split, pipeline_stage, tp_plan
 from support.models import VOCAB
 
 CONFIG = dict(
@@ -25,7 +25,7 @@ CONFIG = dict(
         0: {"num_key_value_heads": 1},  # one KV head on two ranks: k/v replicated
         1: {"skip": ["attention"]},
         2: {"num_attention_heads": 3, "num_key_value_heads": 1},  # 3 heads: the attention replicated
-        3: {"intermediate_size": 97},  # a width that does not divide
+        3: {"intermediate_size": 97, "num_attention_heads": 6, "num_key_value_heads": 3},  # width, KV heads: uneven
         4: {"linear": ["mlp"]},
         5: {"skip": ["mlp"], "sliding_window": 4},
     },
@@ -79,17 +79,41 @@ def test_plan_never_splits_a_head_and_skips_removed_and_linear_blocks():
     torch.manual_seed(0)
     model = hetgraph.from_config(CONFIG)
     spec = hetgraph.contract.model_spec(model)
-    assert [attention_split(s, 2) for s in spec] == ["kv-replicated", "none", "replicated", "sharded", "sharded",
+    assert [attention_split(s, 2) for s in spec] == ["kv-replicated", "none", "replicated", "replicated", "sharded",
                                                      "sharded"]  # fmt: skip
     plan = tp_plan(model, 2)
     attn = lambda i, p: f"model.layers.{i}.self_attn.{p}"  # noqa: E731
     assert plan[attn(0, "q_proj")] == plan[attn(0, "q_proj.weight")] == "colwise"
     assert plan[attn(0, "o_proj")] == "rowwise" and attn(0, "k_proj") not in plan and attn(0, "v_proj") not in plan
-    assert not any(k.startswith((attn(1, ""), attn(2, ""))) for k in plan)  # removed; replicated
-    assert plan[attn(3, "k_proj.weight")] == "colwise" and plan["model.layers.3.mlp.down_proj.weight"] == "rowwise"
+    assert not any(k.startswith((attn(1, ""), attn(2, ""), attn(3, ""))) for k in plan)  # removed; replicated
+    assert plan[attn(4, "k_proj.weight")] == "colwise" and plan["model.layers.3.mlp.down_proj.weight"] == "rowwise"
     assert not any(k.startswith(("model.layers.4.mlp", "model.layers.5.mlp")) for k in plan)  # linear; removed
     assert all(v in ("colwise", "rowwise") for v in plan.values())
-    assert attention_split(spec[3], 4) == "replicated"  # 4 query heads, 2 KV heads on 4 ranks
+    assert attention_split(spec[4], 4) == "replicated"  # 4 query heads, 2 KV heads on 4 ranks
+
+
+def test_bad_requests_are_errors_before_any_process_group_work(tmp_path, checkpoint):
+    torch.manual_seed(0)
+    model = hetgraph.from_config(CONFIG)
+    with pytest.raises(hetgraph.HeteroConfigError, match=r"layer 2's attention \(3 query heads, 1 KV heads\) does not "
+                                                         r"split over tp_size=2, and replicate=False; tp sizes that split it: \[1, 3\]"):
+        tp_plan(model, 2, replicate=False)
+    with pytest.raises(hetgraph.HeteroConfigError, match=r"layer 0's .* tp_size=8"):  # more ranks than any head count
+        tp_plan(model, 8, replicate=False)
+    assert tp_plan(model, 8)  # replication allowed: only the MLPs split
+    with pytest.raises(ValueError, match=r"num_stages=7: a model of 6 layers has 1 to 6 pipeline stages"):
+        pipeline_stage(model, 0, 7, split="even")
+    assert not torch.distributed.is_initialized()
+    # the CLI refuses before init_process_group: with no rendezvous address a started group would fail otherwise
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
+    env.pop("MASTER_ADDR", None)
+    path = checkpoint(CONFIG)
+    base = [sys.executable, "-m", "hetgraph", "generate", path, "--prompt-ids", "1,2,3", "--max-new-tokens", "2"]
+    for extra, message in ((["--tp", "2", "--no-replicate"], "layer 2's attention"),
+                           (["--pp", "2", "--split", "5,2"], "2 positive layer counts summing to 6")):  # fmt: skip
+        out = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+        assert "MASTER_ADDR" not in out.stderr
 
 
 def test_plan_refuses_a_family_it_does_not_split():
@@ -100,19 +124,20 @@ def test_plan_refuses_a_family_it_does_not_split():
         tp_plan(model, 2)
 
 
-def test_two_gloo_ranks_give_the_single_process_tokens_and_logits(tmp_path):
-    """Twice, the second time with the first run's Inductor cache: the ranks' graphs differ (an MLP
-    width that does not divide) under cache keys that do not, so the backend keeps them out of the
-    disk caches (rank 0 was served rank 1's graph: NaN logits)."""
+@pytest.mark.parametrize("attempts", [("cold",), pytest.param(("cold", "warm"), marks=pytest.mark.slow)])
+def test_two_gloo_ranks_give_the_single_process_tokens_and_logits(tmp_path, attempts):
+    """With attempts cold, warm (slow): the second run with the first run's Inductor cache. The
+    ranks' graphs differ (an MLP width that does not divide) under cache keys that do not, so the
+    backend keeps them out of the disk caches (rank 0 was served rank 1's graph: NaN logits)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
-    for attempt in ("cold", "warm"):
+    for attempt in attempts:
         run = tmp_path / attempt
         run.mkdir()
         for result in _two_ranks(run, WORKER, json.dumps(CONFIG), env=env):
             for mode in ("eager", "compiled"):  # compiled: torch.compile(backend="hetgraph") on the sharded model
                 assert result[mode]["same_tokens"] and result[mode]["max_logit_diff"] < 1e-5, (attempt, result)
-            # layer 0: its one KV head on both ranks; 2: all (replicated); 3-5: 2 KV heads split in two
-            assert result["cache_kv_heads"] == [1, None, 1, 1, 1, 1], result
+            # layer 0: its one KV head on both ranks; 2, 3: all (replicated); 4, 5: 2 KV heads split in two
+            assert result["cache_kv_heads"] == [1, None, 1, 3, 1, 1], result
 
 
 PIPELINE_WORKER = textwrap.dedent(

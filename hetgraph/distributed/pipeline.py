@@ -30,6 +30,9 @@ REMOVED = {"skip": ["attention", "mlp"]}
 def stage_ranges(num_layers: int, num_stages: int, split="balanced", costs: Sequence[float] | None = None):
     """Layer ranges per stage: "even" (by count, the remainder to the first stages), "balanced"
     (`split_layers` on `costs`), or explicit layer counts per stage (e.g. [4, 4, 2])."""
+    if not 1 <= num_stages <= num_layers:
+        raise ValueError(f"num_stages={num_stages}: a model of {num_layers} layers has 1 to {num_layers} "
+                         "pipeline stages (each holds at least one layer)")  # fmt: skip
     if split == "even":
         base, extra = divmod(num_layers, num_stages)
         counts = [base + (s < extra) for s in range(num_stages)]

@@ -52,9 +52,10 @@ def attention_split(s: LayerSpec, tp_size: int) -> str:
     return "replicated"
 
 
-def tp_plan(model: torch.nn.Module, tp_size: int) -> dict[str, str]:
-    """transformers-style TP plan, one entry per module and parameter it shards, for this model's layers."""
-    spec = _checked_spec(model, tp_size)
+def tp_plan(model: torch.nn.Module, tp_size: int, *, replicate: bool = True) -> dict[str, str]:
+    """transformers-style TP plan, one entry per module and parameter it shards, for this model's layers.
+    `replicate=False` refuses (before any process group work) a layer whose attention would be replicated."""
+    spec = _checked_spec(model, tp_size, replicate)
     prefix = f"{spec.adapter.base_model_attr}.layers"
     plan: dict[str, str] = {}
     layers = getattr(model, spec.adapter.base_model_attr).layers
@@ -71,9 +72,9 @@ def tp_plan(model: torch.nn.Module, tp_size: int) -> dict[str, str]:
     return plan
 
 
-def tensor_parallel(model: torch.nn.Module, device_mesh) -> torch.nn.Module:
-    """Shard `model` in place over the 1-D `device_mesh` with `tp_plan`; every rank must hold the same
-    full weights (each keeps its slice, nothing is sent). Returns the model."""
+def tensor_parallel(model: torch.nn.Module, device_mesh, *, replicate: bool = True) -> torch.nn.Module:
+    """Shard `model` in place over the 1-D `device_mesh` with `tp_plan` (`replicate` as there); every
+    rank must hold the same full weights (each keeps its slice, nothing is sent). Returns the model."""
     from transformers.distributed.tensor_parallel import apply_tensor_parallelism
 
     if device_mesh.ndim != 1:
@@ -81,7 +82,7 @@ def tensor_parallel(model: torch.nn.Module, device_mesh) -> torch.nn.Module:
     tp_size = device_mesh.size()
     if getattr(model, TENSOR_PARALLEL_ATTR, None) is not None:
         raise ValueError("tensor_parallel: the model is already sharded")
-    spec = _checked_spec(model, tp_size)
+    spec = _checked_spec(model, tp_size, replicate)
     plan = tp_plan(model, tp_size)
     apply_tensor_parallelism(model, device_mesh, plan)
     layers = getattr(model, spec.adapter.base_model_attr).layers
@@ -103,11 +104,19 @@ def _add(plan: dict[str, str], name: str, module: torch.nn.Module, style: str) -
         plan[f"{name}.{param}"] = style
 
 
-def _checked_spec(model, tp_size: int):
+def _checked_spec(model, tp_size: int, replicate: bool = True):
     spec = model_spec(model)
     if spec.adapter.name not in FAMILIES:
         raise HeteroConfigError(f"tensor parallel: family {spec.adapter.name!r} is not supported yet; "
                                 f"supported: {', '.join(FAMILIES)}")  # fmt: skip
     if tp_size < 1:
         raise ValueError(f"tensor parallel: tp_size={tp_size} must be >= 1")
+    if not replicate:
+        for s in spec:
+            if attention_split(s, tp_size) == "replicated":
+                q, kv = s.num_attention_heads, s.num_key_value_heads
+                fits = [t for t in range(1, q + 1) if attention_split(s, t) != "replicated"]
+                raise HeteroConfigError(
+                    f"tensor parallel: layer {s.index}'s attention ({q} query heads, {kv} KV heads) does not split "
+                    f"over tp_size={tp_size}, and replicate=False; tp sizes that split it: {fits}")
     return spec

@@ -5,10 +5,10 @@ device is a name, a `torch.device` or a CUDA index), or a device for everything,
 `"balanced"`: the decoder layers split over the visible accelerators so that the fullest device
 holds as few weight bytes as possible (the exact min-max contiguous split of `hetgraph.partition`,
 not accelerate's greedy fill). With `max_memory` ({device: bytes or "40GiB"}) the layers spread
-over those devices, each within the smallest cap, the embedding's and head's bytes counted on every one. On a heterogeneous stack this is
-the difference between an even layer count and an even load. The embedding and rotary module go
-with the first layers, the final norm and the head with the last; a head tied to the embedding
-stays with it.
+over those devices, each within the smallest cap, the embedding's and head's bytes counted on
+every one. On a heterogeneous stack this is the difference between an even layer count and an
+even load. The embedding and rotary module go with the first layers, the final norm and the head
+with the last; a head tied to the embedding stays with it.
 
 A map is resolved to placement units (the embedding, the rotary module, each decoder layer, the
 final norm, the head): a key inside a decoder layer is refused (its residual adds would cross
@@ -47,8 +47,9 @@ def resolve_device_map(model: torch.nn.Module, base_attr: str, device_map, *, dt
     placed: dict[str, torch.device] = {}
     for key, device in device_map.items():
         if key not in known:
+            examples = ", ".join(sorted(units)[:3])
             raise ValueError(f"device_map: {key!r} is not a module of {type(model).__name__}; "
-                             f"keys are module names such as {', '.join(sorted(units)[:3])}, or '' for all")  # fmt: skip
+                             f"keys are module names such as {examples}, or '' for all")  # fmt: skip
         inside = [u for u in units if key.startswith(u + ".")]
         if inside:
             raise ValueError(f"device_map: {key!r} is inside {inside[0]!r}, which must sit on one device "

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hetgraph
-from hetgraph.distributed import layer_costs, split_layers
+from hetgraph.distributed import layer_costs, pipeline_stage, split_layers
 from support.models import hetero_config
 
 
@@ -111,3 +111,12 @@ def test_layer_costs_from_parameters_and_from_a_latency_table():
     table.rows.pop()
     with pytest.raises(hetgraph.HeteroConfigError, match="is not in the latency table"):
         layer_costs(model, table, phase="prefill_ms")
+
+
+def test_a_balanced_stage_from_a_checkpoint_splits_by_parameter_bytes(checkpoint):
+    """The CLI's default (`--split balanced` from a path): costs from the checkpoint's shapes alone."""
+    config = hetero_config("llama")
+    path = checkpoint(config)
+    expected = split_layers(layer_costs(hetgraph.from_pretrained(path)), 2)
+    stages = [pipeline_stage(path, i, 2) for i in range(2)]
+    assert [s.layers for s in stages] == expected

@@ -84,7 +84,7 @@ def test_a_tied_head_stays_with_its_embedding():
 
 
 @pytest.mark.parametrize("device_map, message", [
-    ({"": "cpu", "model.layers.1.mlp": "cpu"}, r"'model.layers.1.mlp' is inside 'model.layers.1'.*map the whole module"),
+    ({"": "cpu", "model.layers.1.mlp": "cpu"}, r"'model.layers.1.mlp' is inside 'model.layers.1'.*map the whole"),
     ({"model.decoder": "cpu"}, r"'model.decoder' is not a module of LlamaForCausalLM"),
     ({"model": "cpu"}, r"no entry places 'lm_head'"),
     ({"": "cuda:3"}, r"'' -> cuda:3: this machine has 0 CUDA devices"),

@@ -95,8 +95,9 @@ def test_plan_never_splits_a_head_and_skips_removed_and_linear_blocks():
 def test_bad_requests_are_errors_before_any_process_group_work(tmp_path, checkpoint):
     torch.manual_seed(0)
     model = hetgraph.from_config(CONFIG)
-    with pytest.raises(hetgraph.HeteroConfigError, match=r"layer 2's attention \(3 query heads, 1 KV heads\) does not "
-                                                         r"split over tp_size=2, and replicate=False; tp sizes that split it: \[1, 3\]"):
+    refused = (r"layer 2's attention \(3 query heads, 1 KV heads\) does not split over tp_size=2, and "
+               r"replicate=False; tp sizes that split it: \[1, 3\]")
+    with pytest.raises(hetgraph.HeteroConfigError, match=refused):
         tp_plan(model, 2, replicate=False)
     with pytest.raises(hetgraph.HeteroConfigError, match=r"layer 0's .* tp_size=8"):  # more ranks than any head count
         tp_plan(model, 8, replicate=False)

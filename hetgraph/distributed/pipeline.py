@@ -22,7 +22,7 @@ import torch.distributed as dist
 from hetgraph.cache import make_cache
 from hetgraph.configs import model_config_dict
 from hetgraph.contract import model_spec
-from hetgraph.distributed.split import layer_costs, split_layers
+from hetgraph.distributed.split import layer_costs, parameter_bytes, split_layers
 
 REMOVED = {"skip": ["attention", "mlp"]}
 
@@ -103,7 +103,8 @@ def pipeline_stage(model_or_path, stage_index: int, num_stages: int, *, split="b
         if split == "balanced" and costs is None:
             from hetgraph.build import build_skeleton
 
-            costs = layer_costs(build_skeleton(config)[0])
+            skeleton, spec = build_skeleton(config)  # meta tensors: the shapes, nothing read
+            costs = parameter_bytes(getattr(skeleton, spec.adapter.base_model_attr).layers)
         ranges = stage_ranges(config["num_hidden_layers"], num_stages, split, costs)
         # merged over the checkpoint's own entries: a removed layer's "linear" list is emptied too
         others = (i for i in range(config["num_hidden_layers"]) if i not in ranges[stage_index])

@@ -4,8 +4,8 @@ Engines split pipeline stages by layer count (vLLM, TensorRT-LLM, transformers' 
 torchtitan, Megatron) or by parameters (DeepSpeed); on a heterogeneous stack an even count leaves
 the slowest stage 9-40% above the ideal (`../shared/notes/distributed.md` 4.3). `split_layers` (from
 `hetgraph.partition`) finds the contiguous split whose most expensive stage is as cheap as possible,
-optionally under a per-stage memory cap. `layer_costs` gives the cost vector: measured per-layer latency from a `LatencyTable`
-(`hetgraph.profile`) or, without one, each layer's parameter bytes.
+optionally under a per-stage memory cap. `layer_costs` gives the cost vector: measured per-layer
+latency from a `LatencyTable` (`hetgraph.profile`) or, without one, each layer's parameter bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from hetgraph.contract import model_spec
 from hetgraph.errors import HeteroConfigError
 from hetgraph.partition import split_layers
 
-__all__ = ["split_layers", "layer_costs"]
+__all__ = ["split_layers", "layer_costs", "parameter_bytes"]
+
+
+def parameter_bytes(layers) -> list[float]:
+    """Each layer's parameter bytes (meta tensors count too: only shapes and dtypes are read)."""
+    return [float(sum(p.numel() * p.element_size() for p in layer.parameters())) for layer in layers]
 
 
 def layer_costs(model: torch.nn.Module, table=None, *, phase: str = "decode_ms") -> list[float]:
@@ -24,8 +29,7 @@ def layer_costs(model: torch.nn.Module, table=None, *, phase: str = "decode_ms")
     "decode_ms") where a `LatencyTable` is given, else each layer's parameter bytes."""
     spec = model_spec(model)
     if table is None:
-        layers = getattr(model, spec.adapter.base_model_attr).layers
-        return [float(sum(p.numel() * p.element_size() for p in layer.parameters())) for layer in layers]
+        return parameter_bytes(getattr(model, spec.adapter.base_model_attr).layers)
     if phase not in ("prefill_ms", "decode_ms"):
         raise ValueError(f"layer_costs: phase={phase!r}; allowed: 'prefill_ms', 'decode_ms'")
     costs = []

@@ -92,7 +92,7 @@ def test_plan_never_splits_a_head_and_skips_removed_and_linear_blocks():
     assert attention_split(spec[4], 4) == "replicated"  # 4 query heads, 2 KV heads on 4 ranks
 
 
-def test_bad_requests_are_errors_before_any_process_group_work(tmp_path, checkpoint):
+def test_bad_requests_are_errors_before_any_process_group_work(checkpoint):
     torch.manual_seed(0)
     model = hetgraph.from_config(CONFIG)
     refused = (r"layer 2's attention \(3 query heads, 1 KV heads\) does not split over tp_size=2, and "

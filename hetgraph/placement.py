@@ -55,10 +55,10 @@ def resolve_device_map(model: torch.nn.Module, base_attr: str, device_map, *, dt
             raise ValueError(f"device_map: {key!r} is inside {inside[0]!r}, which must sit on one device "
                              "(a decoder layer's residual adds would cross devices); map the whole module")  # fmt: skip
         placed[key] = _device(device, key)
+    longest_first = sorted((k for k in placed if k), key=len, reverse=True)
     resolved = {}
     for unit in units:  # the longest key holding the unit wins, as in transformers' expand_device_map
-        key = next((k for k in sorted(placed, key=len, reverse=True) if k and (unit == k or unit.startswith(k + "."))),
-                   "" if "" in placed else None)  # fmt: skip
+        key = next((k for k in longest_first if unit == k or unit.startswith(k + ".")), "" if "" in placed else None)
         if key is None:
             raise ValueError(f"device_map: no entry places {unit!r}; add it (or a module holding it, or '')")
         resolved[unit] = placed[key]
@@ -96,8 +96,8 @@ def place(model: torch.nn.Module, placement: Mapping[str, torch.device] | None, 
     if placement is None:
         model.to_empty(device=device)
         return
-    for unit, device in placement.items():
-        model.get_submodule(unit).to_empty(device=device)
+    for unit, unit_device in placement.items():
+        model.get_submodule(unit).to_empty(device=unit_device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"device_map: {left[0]!r} is in no placement unit of {type(model).__name__}")

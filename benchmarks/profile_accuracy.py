@@ -2,13 +2,12 @@
 
     python benchmarks/profile_accuracy.py --presets drop-attn,width-pruned --out benchmarks/results/cpu-2core/profile
 
-For each preset: the table of the preset's model (each variant timed by difference, see
+For each preset: the table of the preset's model (each variant timed inside one probe model, see
 hetgraph/profiling.py); then the whole model, and a model assembled from the same variants in
 another order and count (the layers reversed, then the first half again), each compiled and timed
-the same way, interleaved (the hetgraph backend, `make_cache`, prefill of --prompt-len tokens into an empty
+the same way, interleaved with the table's probe (the hetgraph backend, `make_cache`, prefill of --prompt-len tokens into an empty
 cache, decode steps from --context-len tokens of history; medians of --repeats). One process.
-Also the profiling time against one cold compile of the whole model (warm: the same Inductor
-cache as the table's models, so kernels shared with them may be reused).
+What profiling costs against a cold compile: benchmarks/profile_cost.py.
 """
 
 from __future__ import annotations
@@ -24,7 +23,8 @@ import hetgraph
 from hetgraph.bench.presets import make_preset
 from hetgraph.configs import model_config_dict, select_layers
 from hetgraph.contract import model_spec
-from hetgraph.profiling import PHASES, ModelTimer
+from hetgraph.profiling import probe_layers, table_from_probe
+from hetgraph.timing import PHASES, ModelTimer
 
 
 def measure(preset_name: str, args) -> dict:
@@ -32,20 +32,18 @@ def measure(preset_name: str, args) -> dict:
     torch.manual_seed(0)
     model = hetgraph.from_config(preset.config)
     shapes = dict(prompt_len=args.prompt_len, context_len=args.context_len, batch_size=1)
-    start = time.perf_counter()
-    table = hetgraph.profile(model, **shapes, repeats=args.repeats, depths=(args.depth, args.depth + args.extra_layers))
-    profile_s = time.perf_counter() - start
-    config = model_config_dict(model.config)
-    n = len(model_spec(model))
+    config, spec = model_config_dict(model.config), model_spec(model)
+    n = len(spec)
     models = {"model": config, "reordered": select_layers(config, [*reversed(range(n)), *range(n // 2)])}
+    # The table's probe and the two whole models, timed interleaved (hetgraph.profile's own code:
+    # `ModelTimer.time_layers`, `table_from_probe`): this machine's speed drifts by tens of percent
+    # over minutes, and a table measured before the models would mostly measure the drift.
+    variants = spec.variants()
+    order = probe_layers(spec, variants)
     timer = ModelTimer(shapes, "hetgraph", args.repeats, torch.float32, "cpu")
-    result = {"preset": preset_name, "layers": n, "variants": len(table.rows), "profile_s": profile_s, "models": {}}
-    start = time.perf_counter()
-    timer.time(config)  # one whole-model cold compile (both graphs) and its timings, for the cost comparison
-    result["whole_model_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    timings = timer.time(*models.values())  # the two whole models interleaved
-    measure_s = time.perf_counter() - start
+    whole, per_layer, timings = timer.time_layers(select_layers(config, order), *models.values())
+    table = table_from_probe(config, spec, variants, order, whole, per_layer, timer)
+    result = {"preset": preset_name, "layers": n, "variants": len(table.rows), "models": {}}
     for (name, cfg), measured in zip(models.items(), timings):
         predicted = table.predict(cfg)
         result["models"][name] = {
@@ -73,10 +71,6 @@ def to_markdown(results: list[dict], args) -> str:
                 f"| {m['error_prefill_ms']:+.1%} | {m['measured_decode_ms']:.3f} / {m['predicted_decode_ms']:.3f} "
                 f"| {m['error_decode_ms']:+.1%} |"
             )
-    lines += ["", "| preset | variants | profiling s | one whole-model measurement s (cold compile + timing) |",
-              "|---|---|---|---|"]  # fmt: skip
-    for r in results:
-        lines.append(f"| {r['preset']} | {r['variants']} | {r['profile_s']:.1f} | {r['whole_model_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -86,18 +80,18 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--context-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--depth", type=int, default=2, help="k1, the variant's layers in the shallow model (default 2, as hetgraph.profile)")
-    p.add_argument("--extra-layers", type=int, default=2, help="k2 - k1 of the difference (default 2)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    results = [measure(name, args) for name in args.presets.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=2)
-    text = to_markdown(results, args)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text)
-    print(text)
+    results = []
+    for name in args.presets.split(","):  # written after each preset
+        results.append(measure(name, args))
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+        text = to_markdown(results, args)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(text)
+        print(text, flush=True)
     return 0
 
 

@@ -108,6 +108,24 @@ class HetgraphBackend:
     def _compile(self, gm: fx.GraphModule, example_inputs, patches: dict[str, Any]):
         from torch._inductor.compile_fx import compile_fx
 
+        work = self.specialize(gm, example_inputs)
+        report = self.reports[-1]
+        if work is not gm:
+            try:
+                return compile_fx(work, example_inputs, config_patches=patches)
+            except Exception as e:
+                # Inductor refusing the specialized graph is a hetgraph bug; the unchanged graph
+                # still computes the right thing.
+                if self.options.strict:
+                    raise
+                reason = f"Inductor: {type(e).__name__}: {_first_line(e)}"
+                logger.warning("hetgraph: %s on the specialized graph; compiling the graph unchanged", reason)
+                report.fallback, report.gm = reason, gm
+        return compile_fx(gm, example_inputs, config_patches=patches)
+
+    def specialize(self, gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+        """The graph hetgraph hands Inductor: a specialized copy of `gm`, or `gm` itself when a pass
+        failed (its report, appended to `reports`, says why)."""
         ctx = context_from_inputs(gm, example_inputs)
         work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         try:
@@ -123,18 +141,7 @@ class HetgraphBackend:
         for record in report.records:
             for layer, reason in record.refused.items():
                 logger.info("hetgraph %s: layer %s: %s", record.name, layer, reason)
-        if work is not gm:
-            try:
-                return compile_fx(work, example_inputs, config_patches=patches)
-            except Exception as e:
-                # Inductor refusing the specialized graph is a hetgraph bug; the unchanged graph
-                # still computes the right thing.
-                if self.options.strict:
-                    raise
-                reason = f"Inductor: {type(e).__name__}: {_first_line(e)}"
-                logger.warning("hetgraph: %s on the specialized graph; compiling the graph unchanged", reason)
-                report.fallback, report.gm = reason, gm
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return work
 
 
 @contextlib.contextmanager

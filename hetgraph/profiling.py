@@ -2,16 +2,18 @@
 model assembled from those variants.
 
 A layer is timed on the real path (the stock modeling code, `make_cache`, the chosen compile
-backend), by difference: for a variant v, models `[anchor] + [v] * k` are compiled for two depths
-k1 < k2 and timed interleaved; the variant's cost is the time difference over the extra layers,
-`(t(k2) - t(k1)) / (k2 - k1)`, with k1 >= 2 by default so the variant is a shared subgraph in both
-models, as in any model where it repeats (with k1 = 1 its lone layer is inlined in the shallow model
-and the difference mixes inlined and shared costs; on `drop-attn`, back-to-back runs of
-`benchmarks/profile_accuracy.py` gave decode errors of -9% / -12% with k1 = 1 and 0% / -3% with
-k1 = 2). The anchor is the model's first attention layer (a model needs one, see
-`ModelSpec.from_config`); the fixed part (embedding, final norm, head, per-step overhead) is
-what the anchor's own models leave: `t(k1) - (k1 + 1) * cost(anchor)`. Differences of medians are
-noisy where a layer costs little against the fixed part: more `repeats`, or a larger `k2`, help.
+backend), inside one model: the probe, one layer of each distinct variant, the model's first
+attention layer first (a model needs one, see `ModelSpec.from_config`). The probe is compiled once
+(a prefill graph and a decode graph) by a backend that specializes the whole graph as `backend`
+does, then cuts it at the decoder layers' boundaries and compiles each piece as `backend` would,
+so every call times each layer's own compiled code (`hetgraph.timing`; eager, `backend="none"`: forward
+hooks). The fixed part (embedding, masks, final norm, head, per-step overhead) is the probe's call
+time less its layers'. All variants are measured in the same calls, so a machine whose speed drifts
+moves them together; medians over `repeats` calls. Compile cost follows the variant count, not the
+model's depth: on the 80-layer Super-49B pattern the probe has 8 layers.
+
+What the cut loses: the fusion of a layer's last op with the next layer's first (Inductor cannot
+fuse across pieces; a shared variant's call in a whole model loses it too).
 
     table = hetgraph.profile(model, prompt_len=512, context_len=1024)
     table.predict(other_config)        # {"prefill_ms": ..., "decode_ms": ...}
@@ -23,23 +25,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from hetgraph.build import build_skeleton, from_config
-from hetgraph.cache import make_cache
+from hetgraph.build import build_skeleton
 from hetgraph.configs import model_config_dict, normalize_config, select_layers
 from hetgraph.contract import model_spec
 from hetgraph.errors import HeteroConfigError
 from hetgraph.spec import LayerSpec, ModelSpec
+from hetgraph.timing import PHASES, ModelTimer
 
 FORMAT_VERSION = 1
-PHASES = ("prefill_ms", "decode_ms")
 
 
 @dataclass
@@ -138,7 +136,6 @@ def profile(
     batch_size: int = 1,
     backend: str = "hetgraph",
     repeats: int = 5,
-    depths: tuple[int, int] = (2, 4),
     device=None,
     progress: bool = False,
 ) -> LatencyTable:
@@ -147,7 +144,7 @@ def profile(
     config = model_config_dict(model.config)
     variants = {key: layers for key, layers in spec.variants().items()}
     return _profile(config, spec, variants, prompt_len=prompt_len, context_len=context_len, batch_size=batch_size,
-                    backend=backend, repeats=repeats, depths=depths, dtype=model.dtype,
+                    backend=backend, repeats=repeats, dtype=model.dtype,
                     device=device or model.device, progress=progress)  # fmt: skip
 
 
@@ -177,111 +174,42 @@ def profile_variants(
 
 
 def _profile(config, spec: ModelSpec, variants, *, dtype, device, prompt_len=512, context_len=1024, batch_size=1,
-             backend="hetgraph", repeats=5, depths=(2, 4), progress=False) -> LatencyTable:  # fmt: skip
-    k1, k2 = depths
-    if not 0 < k1 < k2:
-        raise ValueError(f"profile: depths={depths} must be two layer counts 0 < k1 < k2")
+             backend="hetgraph", repeats=5, progress=False) -> LatencyTable:  # fmt: skip
+    order = probe_layers(spec, variants)
+    timer = ModelTimer({"prompt_len": prompt_len, "context_len": context_len, "batch_size": batch_size}, backend,
+                       repeats, dtype, device, progress=progress)  # fmt: skip
+    whole, per_layer, _ = timer.time_layers(select_layers(config, order))
+    return table_from_probe(config, spec, variants, order, whole, per_layer, timer)
+
+
+def probe_layers(spec: ModelSpec, variants: Mapping[Any, list[int]]) -> list[int]:
+    """The probe's layers: one of each variant, the first attention layer first (a model needs one)."""
     anchor = spec.attention_layers[0]
-    shapes = {"prompt_len": prompt_len, "context_len": context_len, "batch_size": batch_size}
-    timer = ModelTimer(shapes, backend, repeats, dtype, device)
-    measured, fixed = {}, None
-    bar = tqdm(variants.items(), desc="profile", unit="variant", disable=not progress)
-    for key, layers in bar:
-        bar.set_postfix_str(spec[layers[0]].describe())
-        short, deep = timer.time(*(select_layers(config, [anchor] + [layers[0]] * k) for k in depths))
-        measured[key] = {p: (deep[p] - short[p]) / (k2 - k1) for p in PHASES}
-        if key == spec[anchor].variant_key:  # its models are [anchor] * (k + 1)
-            fixed = {p: short[p] - (k1 + 1) * measured[key][p] for p in PHASES}
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    return [anchor] + [layers[0] for layers in variants.values() if layers[0] != anchor]
+
+
+def table_from_probe(config, spec, variants, order, whole, per_layer, timer: ModelTimer) -> LatencyTable:
+    """The table from the probe's medians (`ModelTimer.time_layers` on `select_layers(config, order)`)."""
+    fixed = {p: whole[p] - sum(per_layer[p]) for p in PHASES}
+    itemsize = torch.empty((), dtype=timer.dtype).element_size()
+    batch_size, context_len = timer.shapes["batch_size"], timer.shapes["context_len"]
     rows = []
-    for key, layers in variants.items():
-        s = spec[layers[0]]
-        params = _layer_parameters(config, anchor, layers[0])
+    for layers in variants.values():
+        s, at = spec[layers[0]], order.index(layers[0])
+        params = _layer_parameters(config, order[0], layers[0])
         kv = s.kv_bytes_per_token(itemsize)
         read = params * itemsize + kv * batch_size * context_len  # one decode step reads these
-        decode_ms = measured[key]["decode_ms"]
-        rows.append(VariantRow(s, list(layers), params, params * itemsize, kv, measured[key]["prefill_ms"],
+        decode_ms = per_layer["decode_ms"][at]
+        rows.append(VariantRow(s, list(layers), params, params * itemsize, kv, per_layer["prefill_ms"][at],
                                decode_ms, read / (decode_ms / 1e3) if decode_ms > 0 else None))  # fmt: skip
-    return LatencyTable(spec.adapter.name, spec.hidden_size, str(dtype).removeprefix("torch."), shapes, backend,
-                        fixed, rows, _machine(device))  # fmt: skip
-
-
-class ModelTimer:
-    """Compiles configs' models as `backend` does, with `make_cache`, and times their prefill and
-    decode interleaved (model after model, repeat after repeat)."""
-
-    def __init__(self, shapes, backend, repeats, dtype, device):
-        self.shapes, self.backend, self.repeats, self.dtype, self.device = shapes, backend, repeats, dtype, device
-
-    def time(self, *configs: dict) -> list[dict[str, float]]:
-        """Median prefill_ms and decode_ms of each config's model, in order."""
-        with torch.no_grad():
-            runs = [self._compiled(config) for config in configs]
-            times = [{p: [] for p in PHASES} for _ in runs]
-            for phase in PHASES:
-                for run in runs:
-                    run.start(phase)
-                for _ in range(self.repeats):
-                    for run, t in zip(runs, times):
-                        t[phase].append(_ms(run.calls[phase], self.device))
-        torch._dynamo.reset()
-        return [{p: statistics.median(v) for p, v in t.items()} for t in times]
-
-    def _compiled(self, config: dict) -> "_Run":
-        torch.manual_seed(0)
-        model = from_config(config, dtype=self.dtype, device=self.device)
-        b, prompt, context = self.shapes["batch_size"], self.shapes["prompt_len"], self.shapes["context_len"]
-        cache = make_cache(model, batch_size=b, max_cache_len=max(prompt, context) + self.repeats + 2)
-        fwd = torch.compile(model.forward, backend=self.backend) if self.backend != "none" else model.forward
-        vocab = config["vocab_size"]
-        run = _Run(
-            fwd,
-            cache,
-            torch.randint(0, vocab, (b, prompt), device=self.device),
-            torch.randint(0, vocab, (b, context), device=self.device),
-        )
-        run.start("prefill_ms")
-        run.calls["prefill_ms"]()  # compiles the prefill graph
-        run.start("decode_ms")
-        run.calls["decode_ms"]()  # compiles the decode graph
-        return run
-
-
-class _Run:
-    """One compiled model's timed calls: a prefill into an empty cache, a decode step after
-    `context` tokens of history (which each timed step extends by one)."""
-
-    def __init__(self, fwd, cache, prompt_ids, context_ids):
-        self.fwd, self.cache, self.prompt_ids, self.context_ids = fwd, cache, prompt_ids, context_ids
-        self.calls = {"prefill_ms": self.prefill, "decode_ms": self.decode}
-
-    def start(self, phase: str) -> None:
-        self.cache.reset()
-        if phase == "decode_ms":
-            self.fwd(input_ids=self.context_ids, cache=self.cache)
-
-    def prefill(self) -> None:
-        self.cache.reset()
-        self.fwd(input_ids=self.prompt_ids, cache=self.cache)
-
-    def decode(self) -> None:
-        self.fwd(input_ids=self.context_ids[:, -1:], cache=self.cache)
+    return LatencyTable(spec.adapter.name, spec.hidden_size, str(timer.dtype).removeprefix("torch."),
+                        dict(timer.shapes), timer.backend, fixed, rows, _machine(timer.device))  # fmt: skip
 
 
 def _layer_parameters(config: dict, anchor: int, i: int) -> int:
     """Parameters of layer i, counted on a meta-device model of the anchor and that layer."""
     model, spec = build_skeleton(select_layers(config, [anchor, i]))
     return sum(p.numel() for p in getattr(model, spec.adapter.base_model_attr).layers[1].parameters())
-
-
-def _ms(call, device) -> float:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    call()
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
 
 
 def _spec_of(config_or_model) -> ModelSpec:

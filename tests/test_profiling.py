@@ -19,6 +19,7 @@ import hetgraph
 from hetgraph.cli import main as cli_main
 from hetgraph.configs import model_config_dict, normalize_config, select_layers
 from hetgraph.contract import model_spec
+from hetgraph.timing import LayerClock
 from support.models import LLAMA4_TEXT, NEMOTRON_H, hetero_config, homogeneous_config
 
 FAST = dict(prompt_len=8, context_len=8, repeats=1, backend="none")
@@ -142,3 +143,20 @@ def test_profile_through_the_hetgraph_backend():
     # Timings are differences of noisy medians (their sign is not guaranteed at this size):
     # benchmarks/profile_accuracy.py measures how well they predict.
     assert all(math.isfinite(v) for v in [*table.fixed.values(), *table.predict(model).values()])
+
+
+def test_the_layer_clock_cuts_the_compiled_graph_at_each_layer_and_keeps_the_logits(model):
+    """`LayerClock.backend` specializes, cuts and compiles per piece; checked here with dynamo's
+    "eager" backend for the pieces (the slow test below goes through Inductor)."""
+    clock = LayerClock("cpu")
+    compiled = torch.compile(model.forward, backend=clock.backend("eager"))
+    ids = torch.tensor([[(3 * i + 1) % 128 for i in range(9)]])
+    with torch.no_grad():
+        compiled(input_ids=ids)  # compiles
+        clock.begin("prefill_ms")
+        logits = compiled(input_ids=ids).logits
+    torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    (times,) = clock.calls["prefill_ms"]
+    # A piece per layer, each timed (unspecialized, even layer 4, whose blocks are removed, still
+    # adds its zeros to the residual).
+    assert len(times) == len(model_spec(model)) and all(t > 0 for t in times)

@@ -65,6 +65,7 @@ def _eager(path: str) -> dict:
     return {"tokens": gen.sequences, "logits": torch.stack(gen.logits)}
 
 
+@pytest.mark.slow  # three fresh processes, two cold compiles (about 100 s on 2 cores)
 def test_warm_start_compiles_nothing_and_never_serves_another_models_graph(checkpoint, tmp_path):
     model_a, model_b = checkpoint(_config(96)), checkpoint(_config(64))
     cache_dir = str(tmp_path / "compiled")

@@ -21,9 +21,10 @@ import torch
 
 import hetgraph
 from hetgraph.bench.presets import make_preset
-from hetgraph.configs import model_config_dict, select_layers
+from hetgraph.configs import model_config_dict, normalize_config, select_layers
 from hetgraph.contract import model_spec
 from hetgraph.profiling import probe_layers, table_from_probe
+from hetgraph.spec import ModelSpec
 from hetgraph.timing import PHASES, ModelTimer
 
 
@@ -47,7 +48,7 @@ def measure(preset_name: str, args) -> dict:
     for (name, cfg), measured in zip(models.items(), timings):
         predicted = table.predict(cfg)
         result["models"][name] = {
-            "layers": cfg["num_hidden_layers"],
+            "layers": len(ModelSpec.from_config(normalize_config(cfg))),
             **{f"measured_{p}": measured[p] for p in PHASES},
             **{f"predicted_{p}": predicted[p] for p in PHASES},
             **{f"error_{p}": predicted[p] / measured[p] - 1 for p in PHASES},

@@ -71,6 +71,18 @@ def test_attribute_nodes_tags_layers_and_blocks(traced):
     assert attribute_nodes(gm, ctx).report == result.report
 
 
+def test_a_one_layer_models_embedding_and_head_belong_to_no_layer():
+    """Its parameters all belong to layer 0, as a layer compiled alone; its module paths say it is a
+    whole model (hetgraph.profile cuts such a graph at the layer's boundaries)."""
+    model = hetgraph.from_config(hetero_config("llama", num_hidden_layers=1, per_layer_config={}))
+    gm, _, ctx = capture(model, torch.randint(0, 128, (1, 8)), use_cache=False)
+    attribute_nodes(gm, ctx)
+    layer_of_target = {n.target: tag(n).layer for n in gm.graph.nodes if n.op == "call_function"}
+    assert layer_of_target[torch.nn.functional.embedding] is None and layer_of_target[SDPA_OP] == 0
+    linears = [tag(n) for n in gm.graph.nodes if n.target is torch._C._nn.linear]
+    assert [(t.layer, t.module_name) for t in linears if t.layer is None] == [(None, "lm_head")]
+
+
 def test_eliminate_skipped_blocks_leaves_no_op_behind(attributed, traced):
     gm, _, ctx = attributed
     before = ops_per_layer(gm)

@@ -56,9 +56,21 @@ def _attr_name(path: str) -> str:
 
 
 def _single_layer(gm: fx.GraphModule, ctx: PassContext) -> int | None:
-    """When one decoder layer is compiled alone, its parameters say which layer it is."""
+    """When one decoder layer is compiled alone, its parameters say which layer it is. Not in a
+    whole model's graph (module paths name its layers), even one of a single layer: there the
+    embedding, the rotary table and the head belong to no layer."""
+    if any(_path_layer(n) is not None for n in compute_nodes(gm)):
+        return None
     layers = {ctx.input_layers[n.name] for n in gm.graph.nodes if n.op == "placeholder" and n.name in ctx.input_layers}
     return layers.pop() if len(layers) == 1 else None
+
+
+def _path_layer(node: fx.Node) -> int | None:
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        i = layer_index_from_path(path)
+        if i is not None:
+            return i
+    return None
 
 
 @applies_to(DYNAMO, EXPORT)

@@ -282,6 +282,7 @@ def test_explain_reports_per_layer(checkpoint):
     assert "masked SDPA" in text and "refused by specialize_attention" in text and "band of 32" in text
 
 
+@pytest.mark.slow  # two compiles of six layers, the second with symbolic sizes (about 60 s on 2 cores)
 def test_dynamic_shapes_go_through_every_pass(checkpoint):
     # A second prompt length makes dynamo recompile with symbolic sizes; no pass may fail on them.
     model = hetgraph.from_pretrained(checkpoint(hetero_config("llama")))

@@ -36,7 +36,7 @@ WORKER = textwrap.dedent(
     import json, sys, torch, torch.distributed as dist, hetgraph
     from torch.distributed.device_mesh import init_device_mesh
     from hetgraph.distributed import tensor_parallel
-    rank, store, out, config = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    rank, store, out, config, modes = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), sys.argv[5]
     config["per_layer_config"] = {int(k): v for k, v in config["per_layer_config"].items()}
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -48,12 +48,14 @@ WORKER = textwrap.dedent(
         ref = model.generate(ids, cache=hetgraph.make_cache(model, batch_size=1, max_cache_len=32), **greedy)
         tensor_parallel(model, init_device_mesh("cpu", (2,)))
         cache = hetgraph.make_cache(model, batch_size=1, max_cache_len=32)
-        got = model.generate(ids, cache=cache, **greedy)
-        model.forward = torch.compile(model.forward, backend="hetgraph", fullgraph=True)
-        compiled = model.generate(ids, cache=hetgraph.make_cache(model, batch_size=1, max_cache_len=32), **greedy)
+        runs = {"eager": model.generate(ids, cache=cache, **greedy)}
+        if "compiled" in modes:
+            model.forward = torch.compile(model.forward, backend="hetgraph", fullgraph=True)
+            runs["compiled"] = model.generate(ids, cache=hetgraph.make_cache(model, batch_size=1, max_cache_len=32),
+                                              **greedy)
     heads = [None if getattr(layer, "keys", None) is None else layer.keys.shape[1] for layer in cache.layers]
     result = {"cache_kv_heads": heads}
-    for name, run in (("eager", got), ("compiled", compiled)):
+    for name, run in runs.items():
         result[name] = {"same_tokens": torch.equal(run.sequences, ref.sequences),
                         "max_logit_diff": (torch.stack(run.logits) - torch.stack(ref.logits)).abs().max().item()}
     with open(out, "w") as f:
@@ -125,17 +127,23 @@ def test_plan_refuses_a_family_it_does_not_split():
         tp_plan(model, 2)
 
 
-@pytest.mark.parametrize("attempts", [("cold",), pytest.param(("cold", "warm"), marks=pytest.mark.slow)])
-def test_two_gloo_ranks_give_the_single_process_tokens_and_logits(tmp_path, attempts):
-    """With attempts cold, warm (slow): the second run with the first run's Inductor cache. The
-    ranks' graphs differ (an MLP width that does not divide) under cache keys that do not, so the
-    backend keeps them out of the disk caches (rank 0 was served rank 1's graph: NaN logits)."""
+@pytest.mark.parametrize("modes, attempts", [
+    (("eager",), ("cold",)),
+    pytest.param(("eager", "compiled"), ("cold",), marks=pytest.mark.slow),  # about 60 s on 2 cores
+    pytest.param(("eager", "compiled"), ("cold", "warm"), marks=pytest.mark.slow),
+], ids=["eager", "compiled", "compiled-warm"])  # fmt: skip
+def test_two_gloo_ranks_give_the_single_process_tokens_and_logits(tmp_path, modes, attempts):
+    """Compiled: torch.compile(backend="hetgraph") on the sharded model. With attempts cold, warm: the
+    second run with the first run's Inductor cache. The ranks' graphs differ (an MLP width that does
+    not divide) under cache keys that do not, so the backend keeps them out of the disk caches (rank
+    0 was served rank 1's graph: NaN logits)."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     for attempt in attempts:
         run = tmp_path / attempt
         run.mkdir()
-        for result in _two_ranks(run, WORKER, json.dumps(CONFIG), env=env):
-            for mode in ("eager", "compiled"):  # compiled: torch.compile(backend="hetgraph") on the sharded model
+        for result in _two_ranks(run, WORKER, json.dumps(CONFIG), ",".join(modes), env=env):
+            assert set(result) - {"cache_kv_heads"} == set(modes), result
+            for mode in modes:
                 assert result[mode]["same_tokens"] and result[mode]["max_logit_diff"] < 1e-5, (attempt, result)
             # layer 0: its one KV head on both ranks; 2, 3: all (replicated); 4, 5: 2 KV heads split in two
             assert result["cache_kv_heads"] == [1, None, 1, 3, 1, 1], result

@@ -87,16 +87,22 @@ def test_warm_start_compiles_nothing_and_never_serves_another_models_graph(check
 
 
 def test_compile_cache_dir_keeps_the_users_dynamic_sources(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.compiler.config, "dynamic_sources", "L['x']:0")
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", torch._inductor.config.fx_graph_cache)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", torch._functorch.config.enable_autograd_cache)
+    # Config modules are restored with their own `patch`: monkeypatch's undo deletes a config
+    # entry it did not find in the module's __dict__, which broke every later compile in the process.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))
-    path = hetgraph.compile_cache_dir(tmp_path / "cache")
-    assert path == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
-    sources = torch.compiler.config.dynamic_sources.split(",")
-    assert sources[0] == "L['x']:0" and any("input_ids" in s for s in sources)
-    hetgraph.compile_cache_dir(tmp_path / "cache")  # twice: nothing added twice
-    assert torch.compiler.config.dynamic_sources.split(",") == sources
+    before = torch.compiler.config.dynamic_sources
+    with (
+        torch.compiler.config.patch(dynamic_sources="L['x']:0"),
+        torch._inductor.config.patch(fx_graph_cache=torch._inductor.config.fx_graph_cache),
+        torch._functorch.config.patch(enable_autograd_cache=torch._functorch.config.enable_autograd_cache),
+    ):
+        path = hetgraph.compile_cache_dir(tmp_path / "cache")
+        assert path == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+        sources = torch.compiler.config.dynamic_sources.split(",")
+        assert sources[0] == "L['x']:0" and any("input_ids" in s for s in sources)
+        hetgraph.compile_cache_dir(tmp_path / "cache")  # twice: nothing added twice
+        assert torch.compiler.config.dynamic_sources.split(",") == sources
+    assert torch.compiler.config.dynamic_sources == before
 
 
 def test_warmup_refuses_prompt_lengths_the_cache_cannot_hold(tmp_path):

@@ -1,8 +1,9 @@
 """`hetgraph.profile` / `profile_variants` / `LatencyTable`: structure and arithmetic, not timings.
 
 The default tests time with `backend="none"` (eager) and tiny shapes: what they check (rows per
-variant, predictions summing the rows, errors, save/load) does not depend on the compiler; one
-slow test profiles through the hetgraph backend.
+variant, predictions summing the rows, errors, save/load) does not depend on the compiler. The cut
+of a compiled graph into per-layer pieces is checked with dynamo's "eager" backend for the pieces;
+one slow test profiles through the hetgraph backend and Inductor.
 """
 
 from __future__ import annotations
@@ -140,8 +141,9 @@ def test_profile_through_the_hetgraph_backend():
     model = hetgraph.from_config(config)
     table = hetgraph.profile(model, prompt_len=16, context_len=16, repeats=3)
     assert table.backend == "hetgraph" and [r.layers for r in table.rows] == [[0], [1]]
-    # Timings are differences of noisy medians (their sign is not guaranteed at this size):
-    # benchmarks/profile_accuracy.py measures how well they predict.
+    # Each layer's own compiled piece was timed; how well the times predict whole models is
+    # benchmarks/profile_accuracy.py's job. The fixed part is a difference (it may be noise-small).
+    assert all(r.prefill_ms > 0 and r.decode_ms > 0 for r in table.rows)
     assert all(math.isfinite(v) for v in [*table.fixed.values(), *table.predict(model).values()])
 
 

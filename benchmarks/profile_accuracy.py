@@ -5,8 +5,9 @@
 For each preset: the table of the preset's model (each variant timed inside one probe model, see
 hetgraph/profiling.py); then the whole model, and a model assembled from the same variants in
 another order and count (the layers reversed, then the first half again), each compiled and timed
-the same way, interleaved with the table's probe (the hetgraph backend, `make_cache`, prefill of --prompt-len tokens into an empty
-cache, decode steps from --context-len tokens of history; medians of --repeats). One process.
+the same way, interleaved with the table's probe (the hetgraph backend, `make_cache`, prefill of
+--prompt-len tokens into an empty cache, decode steps from --context-len tokens of history;
+medians of --repeats). One process.
 What profiling costs against a cold compile: benchmarks/profile_cost.py.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 

@@ -181,7 +181,9 @@ class LayerClock:
                 from torch._inductor.compile_fx import compile_fx
 
                 hetgraph = HetgraphBackend()
-                gm = hetgraph.specialize(gm, example_inputs)
+                specialized = hetgraph.specialize(gm, example_inputs)
+                # A pass that failed leaves the graph untagged; the backend compiles it unchanged.
+                gm = specialized if specialized is not gm else tag_layers(gm, example_inputs)
 
                 def compile_piece(piece, args):
                     return compile_fx(piece, args, config_patches=hetgraph.patches)

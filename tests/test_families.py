@@ -167,8 +167,9 @@ def test_bad_config(model_type, case):
 
 
 # One family in the default run; the others compile the same path (about 45 s each on 2 cores).
-@pytest.mark.parametrize("family", [pytest.param(f, marks=[] if f == "nemotron_h" else pytest.mark.slow) for f in FAMILIES],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "family", [pytest.param(f, marks=[] if f == "nemotron_h" else pytest.mark.slow) for f in FAMILIES], indirect=True
+)
 def test_compiled_greedy_decode_two_graphs_no_recompile(family, ckpt, ref):
     case = CASES[family]
     backend = assert_compiled_decode(ckpt, ref, VOCAB)

@@ -15,9 +15,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
+
+from hetgraph.bench.driver import exception_line, fresh_process
 
 PROFILE = """
 import json, sys, time, torch, hetgraph
@@ -48,11 +48,9 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 
 
 def _fresh(script: str, *args) -> dict:
-    with tempfile.TemporaryDirectory() as cache_dir:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-        out = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=env)
+    out = fresh_process(["-c", script, *map(str, args)])
     if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
+        raise RuntimeError(exception_line(out.stderr))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -7,9 +7,9 @@ attention layer first (a model needs one, see `ModelSpec.from_config`). The prob
 (a prefill graph and a decode graph) by a backend that specializes the whole graph as `backend`
 does, then cuts it at the decoder layers' boundaries and compiles each piece as `backend` would,
 so every call times each layer's own compiled code (`hetgraph.timing`; eager, `backend="none"`:
-forward hooks). The fixed part (embedding, masks, final norm, head, per-step overhead) is the probe's call
-time less its layers'. All variants are measured in the same calls, so a machine whose speed drifts
-moves them together; medians over `repeats` calls. Compile cost follows the variant count, not the
+forward hooks). The fixed part (embedding, masks, final norm, head, per-step overhead) is the
+probe's call time less its layers'. All variants are measured in the same calls, so a machine whose
+speed drifts moves them together; medians over `repeats` calls. Compile cost follows the variant count, not the
 model's depth: on the 80-layer Super-49B pattern the probe has 8 layers.
 
 What the cut loses: the fusion of a layer's last op with the next layer's first (Inductor cannot

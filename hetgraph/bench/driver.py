@@ -35,13 +35,16 @@ def exception_line(stderr: str) -> str:
     return (raised or lines or ["(no output)"])[-1]
 
 
+def fresh_process(args: list[str], timeout: int = 1800) -> subprocess.CompletedProcess:
+    """`python *args` in a fresh process with an empty Inductor cache (so its compiles are cold)."""
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def spawn_worker(job: dict, timeout: int = 1800) -> dict:
     """`hetgraph.bench.worker.run_worker(job)` in a fresh process; an error result if it fails."""
-    env = dict(os.environ)
-    with tempfile.TemporaryDirectory() as cache_dir:
-        env["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # cold: an empty Inductor cache per process
-        cmd = [sys.executable, "-m", "hetgraph.bench", "--worker", json.dumps(job)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    out = fresh_process(["-m", "hetgraph.bench", "--worker", json.dumps(job)], timeout)
     if out.returncode != 0:
         return {"engine": job["engine"], "preset": job["preset"], "error": exception_line(out.stderr)}
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -8,6 +8,7 @@ on that layer's parameters. Layers and blocks found are checked against the Laye
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import torch.fx as fx
@@ -26,10 +27,10 @@ def _block_attrs(ctx: PassContext) -> dict[str, str]:
     return mapping
 
 
-def _tag_for(node: fx.Node, block_attrs: dict[str, str], default_layer: int | None) -> NodeTag:
+def _tag_for(node: fx.Node, block_attrs: dict[str, str]) -> NodeTag:
     stack = node.meta.get("nn_module_stack") or {}
     entries = list(stack.values())
-    layer, block, depth = default_layer, None, None
+    layer, block, depth = None, None, None
     for d, (path, _) in enumerate(entries):
         i = layer_index_from_path(path)
         if i is not None and depth is None:
@@ -56,30 +57,23 @@ def _attr_name(path: str) -> str:
 
 
 def _single_layer(gm: fx.GraphModule, ctx: PassContext) -> int | None:
-    """When one decoder layer is compiled alone, its parameters say which layer it is. Not in a
-    whole model's graph (module paths name its layers), even one of a single layer: there the
-    embedding, the rotary table and the head belong to no layer."""
-    if any(_path_layer(n) is not None for n in compute_nodes(gm)):
-        return None
+    """When one decoder layer is compiled alone, its parameters say which layer it is."""
     layers = {ctx.input_layers[n.name] for n in gm.graph.nodes if n.op == "placeholder" and n.name in ctx.input_layers}
     return layers.pop() if len(layers) == 1 else None
-
-
-def _path_layer(node: fx.Node) -> int | None:
-    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-        i = layer_index_from_path(path)
-        if i is not None:
-            return i
-    return None
 
 
 @applies_to(DYNAMO, EXPORT)
 def attribute_nodes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     block_attrs = _block_attrs(ctx)
-    default_layer = _single_layer(gm, ctx)
+    tags = {node: _tag_for(node, block_attrs) for node in compute_nodes(gm)}
+    # No module path names a layer: one decoder layer compiled alone. (A whole model's graph, even
+    # of a single layer, keeps its embedding, rotary table and head outside the layers.)
+    default_layer = None if any(t.layer is not None for t in tags.values()) else _single_layer(gm, ctx)
     counts: Counter = Counter()
-    for node in compute_nodes(gm):
-        node.meta[TAG] = t = _tag_for(node, block_attrs, default_layer)
+    for node, t in tags.items():
+        if default_layer is not None:
+            t = dataclasses.replace(t, layer=default_layer)
+        node.meta[TAG] = t
         counts[(t.layer, t.block)] += 1
 
     report, refused = {}, {}

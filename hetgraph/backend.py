@@ -25,6 +25,7 @@ import torch.fx as fx
 from hetgraph.contract import context_from_inputs
 from hetgraph.errors import PassError
 from hetgraph.passes import DYNAMO, PASSES, PassRecord, run_passes
+from hetgraph.regions import INLINES_REGIONS, inline_regions
 from hetgraph.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class GraphReport:
 class HetgraphBackend:
     """The backend as a callable; keeps the reports of every graph it compiled (see `explain`)."""
 
+    hetgraph_inlines_regions = True  # `hetgraph.regions`: dynamo may trace each layer variant once
+
     def __init__(self, mode: str | None = None, options: Mapping[str, Any] | None = None):
         self.options = BackendOptions.from_options(options)
         self.patches = inductor_patches(mode, self.options)
@@ -125,7 +128,9 @@ class HetgraphBackend:
 
     def specialize(self, gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
         """The graph hetgraph hands Inductor: a specialized copy of `gm`, or `gm` itself when a pass
-        failed (its report, appended to `reports`, says why)."""
+        failed (its report, appended to `reports`, says why). The layer regions dynamo traced once
+        (`hetgraph.regions`) are inlined into `gm` first, in place."""
+        inline_regions(gm)
         ctx = context_from_inputs(gm, example_inputs)
         work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         try:
@@ -176,6 +181,9 @@ def _first_line(e: BaseException) -> str:
 def hetgraph_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options=None):
     """The registered backend function (`backend="hetgraph"`)."""
     return HetgraphBackend(mode, options)(gm, example_inputs)
+
+
+setattr(hetgraph_backend, INLINES_REGIONS, True)
 
 
 def register() -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from hetgraph import attention, slicing, stock_guard
+from hetgraph import attention, regions, slicing, stock_guard
 from hetgraph import placement as placement_mod
 from hetgraph.arch import FamilyAdapter
 from hetgraph.checkpoint import check_tensors
@@ -145,7 +145,8 @@ def _config_for_kept_blocks(adapter: FamilyAdapter, lc, s):
 
 
 def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementation: str) -> None:
-    """Hooks that feed per-window masks and per-head-dim RoPE through the stock forward."""
+    """Hooks that feed per-window masks and per-head-dim RoPE through the stock forward, and the
+    layers' region forwards (`hetgraph.regions`)."""
     base = getattr(model, spec.adapter.base_model_attr)
     global_head_dim = _global_head_dim(model.config)
     extra_dims = sorted({s.head_dim for s in spec if s.uses_rope and s.head_dim != global_head_dim})
@@ -158,6 +159,7 @@ def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementatio
     for s, layer in zip(spec, base.layers):
         mask_key = s.window if s.has_attention else attention.RECURRENT if s.has_mamba else None
         layer.register_forward_pre_hook(attention.LayerInputsHook(mask_key, s.head_dim), with_kwargs=True)
+    regions.install(base.layers, spec)  # dynamo traces each layer variant once (for hetgraph's backends)
     # `generate` looks this up on the model; hetgraph builds masks inside the forward instead.
     model.create_masks_for_generate = attention.create_masks_for_generate
     model.save_pretrained = types.MethodType(save_pretrained, model)

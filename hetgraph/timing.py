@@ -28,6 +28,7 @@ from hetgraph.contract import context_from_inputs, model_spec
 from hetgraph.errors import HeteroConfigError
 from hetgraph.passes import DYNAMO, run_passes
 from hetgraph.passes._graph import layer_of
+from hetgraph.regions import inline_regions
 
 PHASES = ("prefill_ms", "decode_ms")
 
@@ -192,6 +193,7 @@ class LayerClock:
                 compile_piece = lookup_backend(name)
             return split_by_layer(gm, compile_piece, self)
 
+        compile_by_layer.hetgraph_inlines_regions = True  # both paths inline them (`specialize`, `tag_layers`)
         return compile_by_layer
 
     def timed_call(self, layer: int, fn, args):
@@ -249,7 +251,9 @@ class _Piece(torch.nn.Module):
 
 
 def tag_layers(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
-    """A copy of `gm` whose nodes carry their layer tags (hetgraph's `attribute_nodes` pass alone)."""
+    """A copy of `gm` whose nodes carry their layer tags (hetgraph's `attribute_nodes` pass alone);
+    `gm`'s layer regions are inlined first, in place."""
+    inline_regions(gm)
     work = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     work, _ = run_passes(work, context_from_inputs(gm, example_inputs), graph=DYNAMO, names=["attribute_nodes"])
     return work

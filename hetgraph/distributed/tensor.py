@@ -28,6 +28,7 @@ import logging
 import torch
 
 from hetgraph.arch.llama import LLAMA_FAMILY
+from hetgraph import regions
 from hetgraph.cache import TENSOR_PARALLEL_ATTR
 from hetgraph.contract import model_spec
 from hetgraph.errors import HeteroConfigError
@@ -95,6 +96,7 @@ def tensor_parallel(model: torch.nn.Module, device_mesh, *, replicate: bool = Tr
         kv_heads.append({"none": None, "sharded": (s.num_key_value_heads or 0) // tp_size}.get(
             split, s.num_key_value_heads))  # fmt: skip
     setattr(model, TENSOR_PARALLEL_ATTR, {"tp_size": tp_size, "kv_heads": kv_heads})
+    regions.disable(layers)  # DTensor weights and collectives: traced layer by layer, as before
     return model
 
 

@@ -113,3 +113,12 @@ def finish(gm: fx.GraphModule) -> None:
 def layer_index_from_path(path: str) -> int | None:
     matches = _LAYER_RE.findall(path)
     return int(matches[-1]) if matches else None
+
+
+def with_layer_index(path: str, layer: int) -> str:
+    """The module path with its (last) layer index replaced: "...layers.0.mlp" -> "...layers.5.mlp"."""
+    matches = list(_LAYER_RE.finditer(path))
+    if not matches:
+        return path
+    m = matches[-1]
+    return path[: m.start(1)] + str(layer) + path[m.end(1) :]

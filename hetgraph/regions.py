@@ -1,0 +1,214 @@
+"""Trace each decoder layer variant once: dynamo's region reuse, inlined again before the passes.
+
+dynamo interprets the bytecode of every decoder layer it meets, so tracing time grows with the layer
+count even where the layers are copies of a few variants. `torch.compiler.nested_compile_region`
+lets it trace a region on its first call and, on a later call whose inputs match (its own reuse
+checks: same tensor metadata and constants, and the region's guards re-evaluated with the sources
+remapped to the new layer; torch/_dynamo/variables/invoke_subgraph.py), stamp out the traced
+subgraph instead. Its inputs must be tensors, constants or modules; a transformers `Cache` is none of
+these, so the stock layer forward cannot be that region as it is.
+
+So each decoder layer of a hetgraph-built model gets its own `forward` (bound to that instance; no
+transformers class is changed) that, while dynamo traces for a hetgraph backend, calls the stock
+forward inside one region, passing the layer's cache tensors explicitly: inside, a `_LayerCacheView` gives the stock attention the `update` / `get_seq_length` of
+hetgraph's cache layers on those tensors (its in-place writes are the region's input mutations).
+The cache layer's Python state (`holds_tokens`) is set by the caller, outside the region.
+
+Which calls may reuse a trace is dynamo's decision, by its guards, not a key hetgraph computes
+(`reuse_hash_fn` would skip those checks): a layer whose module differs in anything its code reads
+(a norm's eps set after the build, say) is traced again, not served another layer's subgraph.
+
+A hetgraph backend then inlines every region call (`inline_regions`), with each copied node's
+module path rewritten to its own layer, so the passes see the graph they would have seen without
+regions and `group_layer_variants` still proves, by comparing code, which layers may share a
+subgraph. Any other backend traces the layers as before (`_backend_inlines_regions`), and so do
+calls the region cannot take: export, gradients (training), a cache that is not `make_cache`'s,
+mamba blocks, layers with every block removed, arguments other than the stock ones.
+
+A region must trace whole: dynamo turns a graph break inside one into an error
+(`UncapturedHigherOrderOpError`), where outside it would split the graph. The stock layers of the
+seven families trace whole with hetgraph's attention implementations and transformers' default
+experts implementation (`grouped_mm`); a layer that would break (e.g. `experts_implementation=
+"eager"`, whose expert loop is data-dependent) is traced as a plain module after
+`regions.disable(layers)`.
+
+Pitfall (torch 2.13): a layer reached through a function's defaults or closure, not as the bound
+`self`, is stamped out with the *first* layer's parameters on every later call (wrong logits, no
+error); hence `types.MethodType`.
+"""
+
+from __future__ import annotations
+
+import operator
+import types
+
+import torch
+import torch.fx as fx
+from transformers.cache_utils import DummyLayer
+
+from hetgraph.cache import HeteroCache, StaticFullLayer, StaticWindowLayer
+from hetgraph.passes._graph import layer_index_from_path, with_layer_index
+from hetgraph.spec import FULL, LINEAR
+
+INLINES_REGIONS = "hetgraph_inlines_regions"  # attribute of a backend that calls `inline_regions`
+INVOKE = torch.ops.higher_order.invoke_subgraph
+# What the stock decoder layers are called with (all seven families), besides the hidden states.
+_KNOWN_KWARGS = ("attention_mask", "position_ids", "cache", "use_cache", "position_embeddings")
+
+
+
+def install(layers, spec) -> None:
+    """Give each decoder layer the forward that calls the region while dynamo traces.
+
+    Not mamba blocks (their cache is not a key/value pair) nor layers whose blocks are all removed: a
+    region must not return its input (dynamo refuses input-output aliasing in a higher-order op)."""
+    for s, layer in zip(spec, layers):
+        layer.forward = types.MethodType(_forward, layer)
+        layer.hetgraph_layer_index = s.index
+        layer.hetgraph_region = s.mamba != FULL and (s.attention in (FULL, LINEAR) or s.mlp in (FULL, LINEAR))
+
+
+def disable(layers) -> None:
+    """Trace these layers as plain modules again (e.g. once their weights are DTensors)."""
+    for layer in layers:
+        layer.hetgraph_region = False
+
+
+def _forward(self, hidden_states, *args, **kwargs):
+    stock = type(self).forward
+    if args or not getattr(self, "hetgraph_region", False) or not torch.compiler.is_compiling():
+        return stock(self, hidden_states, *args, **kwargs)
+    if torch.compiler.is_exporting() or torch.is_grad_enabled() or not _backend_inlines_regions():
+        return stock(self, hidden_states, *args, **kwargs)
+    if any(v is not None for k, v in kwargs.items() if k not in _KNOWN_KWARGS):
+        return stock(self, hidden_states, *args, **kwargs)
+    rope = kwargs.get("position_embeddings")
+    if not (rope is None or isinstance(rope, torch.Tensor) or (isinstance(rope, tuple) and len(rope) == 2)):
+        return stock(self, hidden_states, *args, **kwargs)
+    cache, layer, state = kwargs.get("cache"), None, (None,) * 6
+    if cache is not None:
+        if not isinstance(cache, HeteroCache):
+            return stock(self, hidden_states, *args, **kwargs)
+        layer = cache.layers[self.hetgraph_layer_index]
+        if isinstance(layer, (StaticFullLayer, StaticWindowLayer)):
+            too_long = hidden_states.shape[-2] > layer.max_cache_len
+            if isinstance(layer, StaticFullLayer) and not layer.holds_tokens and too_long:
+                return stock(self, hidden_states, *args, **kwargs)  # its own error, naming the layer
+            state = _LayerCacheView.state_of(layer)
+        elif not isinstance(layer, DummyLayer):  # a mamba layer's conv and recurrent states
+            return stock(self, hidden_states, *args, **kwargs)
+    # Flat arguments (the module, tensors, constants): dynamo then fingerprints them without a pytree
+    # flatten, which cost about as much as tracing the layer (0.15 s a call).
+    given = ",".join(k for k in _KNOWN_KWARGS if k in kwargs and (k != "cache" or layer is not None))
+    form = "pair" if isinstance(rope, tuple) else "one"
+    rope_a, rope_b = rope if isinstance(rope, tuple) else (rope, None)
+    out = _REGION(self, hidden_states, given, form, kwargs.get("attention_mask"), kwargs.get("position_ids"),
+                  kwargs.get("use_cache"), rope_a, rope_b, *state)  # fmt: skip
+    if isinstance(layer, (StaticFullLayer, StaticWindowLayer)):
+        layer.holds_tokens = True  # what the layer's own `update` does (outside the region: Python state)
+    return out
+
+
+def _call_stock_forward(layer, hidden_states, given, form, attention_mask, position_ids, use_cache, rope_a, rope_b,
+                        *state):  # fmt: skip
+    values = {
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "use_cache": use_cache,
+        "position_embeddings": (rope_a, rope_b) if form == "pair" else rope_a,
+        "cache": None if state[3] is None else _LayerCacheView(*state),  # state[3]: the keys
+    }
+    return type(layer).forward(layer, hidden_states, **{k: values[k] for k in given.split(",") if k})
+
+
+# One region for every layer: dynamo keeps one reuse entry per distinct trace (a variant, in prefill
+# or decode, with or without a cache) and raises past `max_reuse_entries`; a model has at most one
+# per layer.
+_REGION = torch.compiler.nested_compile_region(_call_stock_forward, max_reuse_entries=1 << 16)
+
+
+class _LayerCacheView:
+    """One hetgraph cache layer rebuilt from its tensors inside the region, as the attention uses
+    it: `update` writes the layer's own tensors in place (its code, not a copy of it)."""
+
+    @staticmethod
+    def state_of(layer) -> tuple:
+        """The layer as the region's arguments: constants, then its three tensors."""
+        window = layer.window if isinstance(layer, StaticWindowLayer) else None
+        return (window, layer.max_cache_len, layer.holds_tokens, layer.keys, layer.values, layer.cumulative_length)
+
+    def __init__(self, window, max_cache_len, holds_tokens, keys, values, cumulative_length):
+        cls = StaticFullLayer if window is None else StaticWindowLayer
+        layer = cls.__new__(cls)
+        layer.keys, layer.values, layer.cumulative_length = keys, values, cumulative_length
+        layer.max_cache_len, layer.holds_tokens, layer.is_initialized = max_cache_len, holds_tokens, True
+        layer.device, layer.dtype = keys.device, keys.dtype
+        if window is not None:
+            layer.window = window
+        self.layer = layer
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        return self.layer.update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx=0) -> int:
+        return self.layer.get_seq_length()
+
+
+@torch._dynamo.assume_constant_result
+def _backend_inlines_regions() -> bool:
+    """Whether the graph dynamo is tracing goes to a backend that inlines the regions (a constant
+    of the trace, read from dynamo's output graph)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    fn = getattr(getattr(tx, "output", None), "compiler_fn", None)
+    for _ in range(8):  # dynamo's wrappers (debug, options), then the backend itself
+        if fn is None:
+            return False
+        if getattr(fn, INLINES_REGIONS, False):
+            return True
+        fn = getattr(fn, "compiler_fn", None) or getattr(fn, "__wrapped__", None)
+    return False
+
+
+def inline_regions(gm: fx.GraphModule) -> int:
+    """Inline every `invoke_subgraph` call of `gm` in place, each copied node's module path naming
+    the layer of its call; returns the number of calls inlined."""
+    calls = list(gm.graph.find_nodes(op="call_function", target=INVOKE))
+    bodies = {call.args[0].target for call in calls}
+    for call in calls:
+        body = getattr(gm, call.args[0].target)
+        layer = _call_layer(call)
+        env = dict(zip(body.graph.find_nodes(op="placeholder"), call.args[2:]))
+        with gm.graph.inserting_before(call):
+            for node in body.graph.nodes:
+                if node.op in ("placeholder", "output"):
+                    continue
+                env[node] = copy = gm.graph.node_copy(node, lambda n: env[n])
+                if layer is not None and "nn_module_stack" in copy.meta:
+                    copy.meta["nn_module_stack"] = {
+                        k: (with_layer_index(path, layer), cls) for k, (path, cls) in node.meta["nn_module_stack"].items()
+                    }
+        outputs = body.graph.output_node().args[0]
+        for user in list(call.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(env[outputs[user.args[1]]])
+                gm.graph.erase_node(user)
+        gm.graph.erase_node(call)
+    for name in bodies:
+        for node in list(gm.graph.find_nodes(op="get_attr", target=name)):
+            if not node.users:
+                gm.graph.erase_node(node)
+        if not any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
+            delattr(gm, name)
+    if calls:
+        gm.recompile()
+    return len(calls)
+
+
+def _call_layer(call: fx.Node) -> int | None:
+    """The layer a region call was made for: the innermost module of its path naming a layer."""
+    for path, _ in reversed(list((call.meta.get("nn_module_stack") or {}).values())):
+        if (i := layer_index_from_path(path)) is not None:
+            return i
+    return None

@@ -1,0 +1,137 @@
+"""dynamo traces each decoder layer variant once (`hetgraph.regions`), and hetgraph's backend inlines
+the traced regions again before its passes: trace counts, reuse refused where layers differ, other
+backends and gradients untouched, exact logits and greedy decode."""
+
+from __future__ import annotations
+
+import torch
+
+import hetgraph
+from hetgraph.backend import HetgraphBackend
+from hetgraph.passes._graph import layer_of
+from hetgraph.regions import INVOKE, inline_regions
+from references.llama import load_reference
+from support.graphs import count_ops
+from support.models import GREEDY, homogeneous_config
+
+PATTERN = [{}, {"skip": ["attention"], "intermediate_size": 96}, {"intermediate_size": 160, "sliding_window": 4}]
+
+
+def _config(layers: int = 6, **overrides) -> dict:
+    per_layer = {i: dict(PATTERN[i % 3]) for i in range(layers) if PATTERN[i % 3]}
+    return homogeneous_config(num_hidden_layers=layers, per_layer_config=per_layer, **overrides)
+
+
+def _traced(gm) -> tuple[int, int]:
+    """(distinct traced regions, region calls) of a dynamo graph, before any inlining."""
+    calls = list(gm.graph.find_nodes(op="call_function", target=INVOKE))
+    return len({c.args[1] for c in calls}), len(calls)
+
+
+class RecordingHetgraph(HetgraphBackend):
+    """The hetgraph backend, recording what dynamo traced before it inlines the regions."""
+
+    def __init__(self):
+        super().__init__()
+        self.traced: list[tuple[int, int]] = []
+
+    def specialize(self, gm, example_inputs):
+        self.traced.append(_traced(gm))
+        return super().specialize(gm, example_inputs)
+
+
+class InlineOnly:
+    """A backend that inlines the regions and runs the graph as it is (dynamo's side only)."""
+
+    hetgraph_inlines_regions = True
+
+    def __init__(self):
+        self.traced: list[tuple[int, int]] = []
+
+    def __call__(self, gm, example_inputs):
+        self.traced.append(_traced(gm))
+        inline_regions(gm)
+        return gm.forward
+
+
+def _ids(length: int = 7):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 128, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+def test_each_variant_is_traced_once_and_decode_equals_the_reference(checkpoint):
+    path = checkpoint(_config(6))  # three variants, two layers each
+    model = hetgraph.from_pretrained(path)
+    ids, mask = _ids()
+    new = 8
+    expected = load_reference(path).greedy(ids, new, attention_mask=mask)
+    backend = RecordingHetgraph()
+    model.forward = torch.compile(model.forward, backend=backend, fullgraph=True)
+    cache = hetgraph.make_cache(model, batch_size=2, max_cache_len=ids.shape[1] + new)
+    with torch._dynamo.config.patch(inline_single_use_invoke_subgraph=False):
+        model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=2, **GREEDY)
+    cache.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=new, **GREEDY)
+    assert torch.equal(out, expected)
+    # Prefill and decode: 3 traces each for 6 layer calls.
+    assert backend.traced == [(3, 6), (3, 6)]
+    for report in backend.reports:
+        assert report.fallback is None
+        assert {layer_of(n) for n in report.gm.graph.nodes} >= set(range(6))  # each node tagged with its own layer
+        grouping = report.records[-1]
+        assert grouping.report[0] == grouping.report[3] == "shares hetgraph_variant_0 with layers [0, 3]"
+        assert count_ops(report.gm, INVOKE) == 6  # the passes' own sharing, after the inlining
+
+
+def test_forty_variants_are_forty_traces():
+    layers = 40
+    config = homogeneous_config(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
+        per_layer_config={i: {"intermediate_size": 16 + i} for i in range(layers)},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = hetgraph.from_config(config)
+    ids, mask = _ids()
+    backend = InlineOnly()
+    with torch.no_grad(), torch._dynamo.config.patch(inline_single_use_invoke_subgraph=False):
+        got = torch.compile(model, backend=backend, fullgraph=True)(ids, attention_mask=mask, use_cache=False).logits
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+    assert backend.traced == [(layers, layers)]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_layer_that_differs_only_in_what_its_code_reads_is_traced_apart():
+    torch.manual_seed(0)
+    model = hetgraph.from_config(homogeneous_config(num_hidden_layers=4))
+    model.model.layers[2].input_layernorm.variance_epsilon = 0.5  # same shapes and spec, other constant
+    ids, mask = _ids()
+    backend = InlineOnly()
+    with torch.no_grad(), torch._dynamo.config.patch(inline_single_use_invoke_subgraph=False):
+        got = torch.compile(model, backend=backend, fullgraph=True)(ids, attention_mask=mask, use_cache=False).logits
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+    assert backend.traced == [(2, 4)]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_other_backends_and_gradients_trace_plain_layers():
+    torch.manual_seed(0)
+    model = hetgraph.from_config(_config(6))
+    ids, mask = _ids()
+    graphs = []
+
+    def plain(gm, example_inputs):
+        graphs.append(_traced(gm))
+        return gm.forward
+
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+        got = torch.compile(model, backend=plain, fullgraph=True)(ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    backend = InlineOnly()
+    loss = torch.compile(model, backend=backend, fullgraph=True)(ids, attention_mask=mask, use_cache=False).logits.sum()
+    loss.backward()  # training: the layers are traced as plain modules
+    assert graphs == [(0, 0)] and backend.traced == [(0, 0)]

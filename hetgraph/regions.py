@@ -56,7 +56,6 @@ INVOKE = torch.ops.higher_order.invoke_subgraph
 _KNOWN_KWARGS = ("attention_mask", "position_ids", "cache", "use_cache", "position_embeddings")
 
 
-
 def install(layers, spec) -> None:
     """Give each decoder layer the forward that calls the region while dynamo traces.
 

@@ -11,8 +11,9 @@ from hetgraph.backend import HetgraphBackend
 from hetgraph.passes._graph import layer_of
 from hetgraph.regions import INVOKE, inline_regions
 from references.llama import load_reference
+from support.checks import prompts
 from support.graphs import count_ops
-from support.models import GREEDY, homogeneous_config
+from support.models import GREEDY, VOCAB, homogeneous_config
 
 PATTERN = [{}, {"skip": ["attention"], "intermediate_size": 96}, {"intermediate_size": 160, "sliding_window": 4}]
 
@@ -54,12 +55,8 @@ class InlineOnly:
         return gm.forward
 
 
-def _ids(length: int = 7):
-    g = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, 128, (2, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    return ids, mask
+def _ids():
+    return prompts(VOCAB, length=7, pad=(0, 3), seed=5)
 
 
 def test_each_variant_is_traced_once_and_decode_equals_the_reference(checkpoint):

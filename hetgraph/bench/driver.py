@@ -18,6 +18,9 @@ from hetgraph.bench.roofline import achieved_gbs, ideal_and_static_kv
 METRICS = (
     "compile_prefill_s",
     "compile_decode_s",
+    "tracing_s",
+    "aot_s",
+    "inductor_s",
     "prefill_short_ms",
     "prefill_long_ms",
     "decode_ms_per_token",

@@ -12,7 +12,7 @@ import statistics
 import time
 
 import torch
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import compilation_time_metrics, counters
 from transformers import StaticCache
 
 import hetgraph
@@ -24,6 +24,18 @@ ENGINES = ("eager", "inductor", "hetgraph", "hetgraph-parent")
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def compile_phases() -> dict[str, float]:
+    """Where this process's compiles so far spent their time (dynamo's own timers): bytecode
+    tracing, the backend less Inductor (for hetgraph: the passes and AOTAutograd), Inductor."""
+    times = {k: sum(v) for k, v in compilation_time_metrics.items()}
+    inductor = times.get("compile_fx_inner", 0.0)
+    return {
+        "tracing_s": times.get("bytecode_tracing", 0.0),
+        "aot_s": max(times.get("OutputGraph.call_user_compiler", 0.0) - inductor, 0.0),
+        "inductor_s": inductor,
+    }
 
 
 def median_ms(call, repeats: int) -> float:
@@ -76,6 +88,7 @@ def run_worker(job: dict) -> dict:
         start = time.perf_counter()
         step(token)
         result["compile_decode_s"] = time.perf_counter() - start
+        result.update(compile_phases())
         prefill(long)  # compiles the long-prompt graph
         for name, ids in (("prefill_short_ms", short), ("prefill_long_ms", long)):
             result[name] = median_ms(lambda: prefill(ids), job["timing_repeats"])

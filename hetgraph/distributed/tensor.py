@@ -27,8 +27,8 @@ import logging
 
 import torch
 
-from hetgraph.arch.llama import LLAMA_FAMILY
 from hetgraph import regions
+from hetgraph.arch.llama import LLAMA_FAMILY
 from hetgraph.cache import TENSOR_PARALLEL_ATTR
 from hetgraph.contract import model_spec
 from hetgraph.errors import HeteroConfigError

@@ -28,7 +28,7 @@ from hetgraph.contract import context_from_inputs, model_spec
 from hetgraph.errors import HeteroConfigError
 from hetgraph.passes import DYNAMO, run_passes
 from hetgraph.passes._graph import layer_of
-from hetgraph.regions import inline_regions
+from hetgraph.regions import INLINES_REGIONS, inline_regions
 
 PHASES = ("prefill_ms", "decode_ms")
 
@@ -193,7 +193,7 @@ class LayerClock:
                 compile_piece = lookup_backend(name)
             return split_by_layer(gm, compile_piece, self)
 
-        compile_by_layer.hetgraph_inlines_regions = True  # both paths inline them (`specialize`, `tag_layers`)
+        setattr(compile_by_layer, INLINES_REGIONS, True)  # both paths inline them (`specialize`, `tag_layers`)
         return compile_by_layer
 
     def timed_call(self, layer: int, fn, args):

@@ -10,8 +10,9 @@ these, so the stock layer forward cannot be that region as it is.
 
 So each decoder layer of a hetgraph-built model gets its own `forward` (bound to that instance; no
 transformers class is changed) that, while dynamo traces for a hetgraph backend, calls the stock
-forward inside one region, passing the layer's cache tensors explicitly: inside, a `_LayerCacheView` gives the stock attention the `update` / `get_seq_length` of
-hetgraph's cache layers on those tensors (its in-place writes are the region's input mutations).
+forward inside one region, passing the layer's cache tensors explicitly: inside, a
+`_LayerCacheView` gives the stock attention the `update` / `get_seq_length` of hetgraph's cache
+layers on those tensors (its in-place writes are the region's input mutations).
 The cache layer's Python state (`holds_tokens`) is set by the caller, outside the region.
 
 Which calls may reuse a trace is dynamo's decision, by its guards, not a key hetgraph computes
@@ -171,7 +172,8 @@ def _backend_inlines_regions() -> bool:
 
 
 def inline_regions(gm: fx.GraphModule) -> int:
-    """Inline every `invoke_subgraph` call of `gm` in place, each copied node's module path naming
+    """Inline every `invoke_subgraph` call of `gm` in place (a user's own regions too: which layers
+    share compiled code is `group_layer_variants`' decision), each copied node's module path naming
     the layer of its call; returns the number of calls inlined."""
     calls = list(gm.graph.find_nodes(op="call_function", target=INVOKE))
     bodies = {call.args[0].target for call in calls}
@@ -183,11 +185,13 @@ def inline_regions(gm: fx.GraphModule) -> int:
             for node in body.graph.nodes:
                 if node.op in ("placeholder", "output"):
                     continue
-                env[node] = copy = gm.graph.node_copy(node, lambda n: env[n])
-                if layer is not None and "nn_module_stack" in copy.meta:
-                    copy.meta["nn_module_stack"] = {
-                        k: (with_layer_index(path, layer), cls) for k, (path, cls) in node.meta["nn_module_stack"].items()
-                    }
+                env[node] = new = gm.graph.node_copy(node, lambda n: env[n])
+                if node.op == "get_attr":  # a constant of the body: give it a name on gm
+                    new.target = _unique_name(gm, f"{call.args[0].target}_{node.target}")
+                    setattr(gm, new.target, getattr(body, node.target))
+                stack = node.meta.get("nn_module_stack")
+                if layer is not None and stack:
+                    new.meta["nn_module_stack"] = {k: (with_layer_index(p, layer), c) for k, (p, c) in stack.items()}
         outputs = body.graph.output_node().args[0]
         for user in list(call.users):
             if user.op == "call_function" and user.target is operator.getitem:
@@ -203,6 +207,13 @@ def inline_regions(gm: fx.GraphModule) -> int:
     if calls:
         gm.recompile()
     return len(calls)
+
+
+def _unique_name(gm: fx.GraphModule, name: str) -> str:
+    name, k = name.replace(".", "_"), 0
+    while hasattr(gm, f"{name}_{k}"):
+        k += 1
+    return f"{name}_{k}"
 
 
 def _call_layer(call: fx.Node) -> int | None:

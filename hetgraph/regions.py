@@ -104,7 +104,7 @@ def _forward(self, hidden_states, *args, **kwargs):
     rope_a, rope_b = rope if isinstance(rope, tuple) else (rope, None)
     out = _REGION(self, hidden_states, given, form, kwargs.get("attention_mask"), kwargs.get("position_ids"),
                   kwargs.get("use_cache"), rope_a, rope_b, *state)  # fmt: skip
-    if isinstance(layer, (StaticFullLayer, StaticWindowLayer)):
+    if state[3] is not None:  # the layer's keys: it was updated
         layer.holds_tokens = True  # what the layer's own `update` does (outside the region: Python state)
     return out
 

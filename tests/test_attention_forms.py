@@ -107,7 +107,9 @@ def llama(case_checkpoint):
 
 
 def test_compiled_greedy_decode_with_make_cache_from_a_long_prompt(llama):
-    """Prefill (banded, fresh ring buffers) then decode over the ring: two graphs, the reference's tokens."""
+    """Prefill (banded, fresh ring buffers) then decode over the ring: two graphs, the reference's
+    tokens; in decode, every layer with grouped KV heads packs its queries (one mask row per batch
+    row: left padding in a batch of two)."""
     model, ref = llama
     ids, mask = prompts(VOCAB, length=LONG, pad=(0, 4), seed=4)
     new = 6
@@ -120,6 +122,11 @@ def test_compiled_greedy_decode_with_make_cache_from_a_long_prompt(llama):
         del model.forward
     assert torch.equal(out, ref.greedy(ids, new, mask)), f"\n{out.tolist()}\n{ref.greedy(ids, new, mask).tolist()}"
     assert len(backend.reports) == 2
+    (decode,) = [r.report for r in backend.reports[1].records if r.name == "specialize_attention"]
+    spec = model_spec(model)
+    grouped = [i for i in spec.attention_layers if spec[i].num_attention_heads > spec[i].num_key_value_heads]
+    assert len(grouped) == 3 and all(decode[i].startswith("GQA-packed SDPA") for i in grouped), decode
+    assert not any(decode[i].startswith("GQA-packed") for i in spec.attention_layers if i not in grouped), decode
 
 
 @torch.no_grad()

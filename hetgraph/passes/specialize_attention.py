@@ -11,8 +11,12 @@ that, the LayerSpec table and the op's shapes this pass chooses, per layer:
   with padding or held keys, the banded form with extent C;
 * GptOss (eager attention only): the same choice for `matmul, * scale, + mask, sink column,
   softmax, matmul` (`sinks_site`), the banded form keeping the sink column before its softmax;
-* otherwise the attention stays, with the reason: decode (one query over the small held window),
-  full attention with padding or a cache holding tokens, keys not aligned (a ring buffer in
+* decode (one query) with grouped KV heads: the queries of a KV head's group packed as that head's
+  queries (`[B, H, 1, D]` viewed as `[B, Hk, H/Hk, D]`) and SDPA over the held keys as they are
+  (`packed_gqa`), instead of over transformers' `repeat_kv` copy of them, which under torch.compile
+  copies every key and value slot of the cache to every query head at every step;
+* otherwise the attention stays, with the reason: decode without grouped heads (one query over the
+  held window), full attention with padding or a cache holding tokens, keys not aligned (a ring buffer in
   decode), a mask the hook did not build, dropout, or an additive mask without sinks.
 
 Every rewrite computes what the masked SDPA computes (`attention_forms`); the backward is autograd's
@@ -24,6 +28,7 @@ form is another key.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -37,7 +42,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from hetgraph import attention_forms
 from hetgraph.attention import MASK_META
 from hetgraph.attention_forms import band_size, banded_attention, chunked_attention
-from hetgraph.passes._graph import ADD, SDPA, aten, finish, is_op, layer_of, value
+from hetgraph.passes._graph import ADD, SDPA, aten, finish, is_op, is_view, layer_of, value
 from hetgraph.passes._types import DYNAMO, EXPORT, PassContext, PassResult, applies_to
 
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
@@ -122,9 +127,93 @@ def _static(n) -> int | None:
     return n if isinstance(n, int) else None
 
 
+def _method(node: fx.Node, *names: str) -> bool:
+    return node.op == "call_method" and node.target in names
+
+
+def _same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+UNSQUEEZE = {torch.unsqueeze, aten.unsqueeze.default}
+FULL_SLICE = slice(None, None, None)
+
+
+def _with_new_axis(node, shape) -> fx.Node | None:
+    """The 4-D tensor `node` is with a new axis inserted at 2 (`x[:, :, None]`, `unsqueeze(x, 2)`,
+    through identity slices as export records them): `shape` is its 5-D shape. None otherwise."""
+    for _ in range(8):
+        if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        source, v = node.args[0], value(node.args[0])
+        if v is None:
+            return None
+        if is_op(node, {aten.slice.Tensor}) and (node.args[4:5] or [1])[0] == 1 and _same_shape(v.shape, shape):
+            node = source  # an identity slice
+            continue
+        index = node.args[1] if len(node.args) > 1 else None
+        viewing = (
+            (is_op(node, {operator.getitem}) and isinstance(index, tuple)
+             and all(i is None or i is Ellipsis or i == FULL_SLICE for i in index))
+            or is_op(node, UNSQUEEZE) or _method(node, "unsqueeze")
+        )  # fmt: skip
+        if viewing and v.dim() == 4 and _same_shape((*v.shape[:2], 1, *v.shape[2:]), shape):
+            return source
+        return None
+    return None
+
+
+def repeated_kv(node) -> tuple[fx.Node, int] | None:
+    """(x, n) when `node` is transformers' `repeat_kv(x, n)`, n > 1: `x[:, :, None]` expanded n times
+    along the new axis and merged into the heads (dynamo's torch-level graph or export's aten
+    graph alike); None for anything else. Head h of the result is head h // n of x."""
+    out = value(node)
+    if not isinstance(node, fx.Node) or out is None or out.dim() != 4 or not is_view(node):
+        return None
+    expand = node.args[0]
+    while isinstance(expand, fx.Node) and (is_op(expand, {aten.clone.default}) or _method(expand, "contiguous")):
+        expand = expand.args[0]
+    if not (isinstance(expand, fx.Node) and (_method(expand, "expand") or is_op(expand, {aten.expand.default}))):
+        return None
+    wide = value(expand)
+    if wide is None or wide.dim() != 5:
+        return None
+    batch, heads, n, length, dim = wide.shape
+    source = _with_new_axis(expand.args[0], (batch, heads, 1, length, dim))
+    if source is None or not isinstance(n, int) or n < 2 or not _same_shape(out.shape, (batch, heads * n, length, dim)):
+        return None
+    return source, n
+
+
+def packed_decode(site: Site) -> tuple[fx.Node, fx.Node, int] | str | None:
+    """For a decode SDPA over `repeat_kv`'s keys and values: (keys, values, group size) to pack the
+    queries with, or why not; None where there is nothing to pack (one query per KV head, or
+    more than one query)."""
+    q = value(site.query)
+    if q is None or q.dim() != 4 or _static(q.shape[-2]) != 1 or site.sinks is not None:
+        return None
+    keys, values = repeated_kv(site.key), repeated_kv(site.value)
+    if keys is None and values is None:
+        return None
+    if keys is None or values is None or keys[1] != values[1]:
+        return "keys and values are not repeated alike"
+    if site.dropout or site.is_causal:
+        return "dropout or is_causal in the attention"
+    m = value(site.mask) if site.mask is not None else None
+    if site.mask is not None and (m is None or m.dim() != 4 or _static(m.shape[1]) != 1 or _static(m.shape[2]) != 1):
+        return "the mask is not one row shared by all heads"
+    return keys[0], values[0], keys[1]
+
+
 def choose_form(site: Site, window: tuple) -> tuple[str, object, dict, str | None]:
     """(form description, callable or None to keep the op, its keyword arguments, why not cheaper)."""
     kept = "eager attention with sinks" if site.sinks is not None else "masked SDPA"
+    packed = packed_decode(site)
+    if isinstance(packed, tuple):
+        form = f"GQA-packed SDPA over the held keys (decode, {packed[2]} query heads per KV head)"
+        return form, "packed", {"keys": packed[0], "values": packed[1], "groups": packed[2]}, None
+    if isinstance(packed, str):
+        return f"{kept} over repeated keys (decode)", None, {}, packed
     if site.mask is None:
         return ("is_causal SDPA" if site.is_causal else "SDPA without a mask"), None, {}, None
     info = site.mask.meta.get("custom", {}).get(MASK_META)
@@ -165,6 +254,9 @@ def choose_form(site: Site, window: tuple) -> tuple[str, object, dict, str | Non
 
 def _rewrite(gm: fx.GraphModule, site: Site, fn, kwargs: dict) -> None:
     node = site.out
+    if fn == "packed":
+        _pack_queries(gm, site, **kwargs)
+        return
     if fn == "causal":  # the same SDPA, its mask replaced by is_causal
         others = {k: v for k, v in node.kwargs.items() if k not in SDPA_KWARGS}  # e.g. enable_gqa
         scale = {} if site.scale is None else {"scale": site.scale}
@@ -180,6 +272,46 @@ def _rewrite(gm: fx.GraphModule, site: Site, fn, kwargs: dict) -> None:
     new.meta.update(is_wrapped=True, user_cache_hash=_forms_hash())  # cacheable by AOTAutograd
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+
+
+def _pack_queries(gm: fx.GraphModule, site: Site, keys: fx.Node, values: fx.Node, groups: int) -> None:
+    """SDPA(q, repeat_kv(k), repeat_kv(v), mask) with one query as SDPA(q', k, v, mask): q [B, H, 1, D]
+    viewed as [B, H / groups, groups, D] (query head h is query h % groups of KV head h // groups,
+    as in `repeat_kv`), the output viewed back. The mask is one row, so it broadcasts the same."""
+    node, graph = site.out, gm.graph
+    key = "example_value" if "example_value" in node.meta else "val"
+    q, out = value(site.query), value(node)
+    shape = [q.shape[1] // groups, groups]
+    # The values' own fake modes (dynamo's, or a later propagation's: they may differ), if fake.
+    with getattr(q, "fake_mode", None) or contextlib.nullcontext():
+        q_flat = aten.squeeze.dim(q, 2)
+        q_packed = aten.unflatten.int(q_flat, 1, shape)
+    with getattr(out, "fake_mode", None) or contextlib.nullcontext():
+        out_packed = aten.unflatten.int(aten.squeeze.dim(out, 2), 1, shape)
+        out_flat = aten.flatten.using_ints(out_packed, 1, 2)
+
+    def call(target, args, v):
+        new = graph.call_function(target, args)
+        new.meta.update(node.meta)
+        new.meta[key] = v
+        return new
+
+    with graph.inserting_before(node):
+        packed = call(aten.unflatten.int, (call(aten.squeeze.dim, (site.query, 2), q_flat), 1, shape), q_packed)
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name, new in (("query", packed), ("key", keys), ("value", values)):
+        i = SDPA_PARAMS.index(name)
+        if i < len(args):
+            args[i] = new
+        else:
+            kwargs[name] = new
+    node.args, node.kwargs = tuple(args), kwargs
+    with graph.inserting_after(node):
+        flat = call(aten.flatten.using_ints, (node, 1, 2), out_flat)
+    with graph.inserting_after(flat):
+        back = call(aten.unsqueeze.default, (flat, 2), out)
+    node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not flat)
+    node.meta[key] = out_packed
 
 
 @functools.cache

@@ -16,6 +16,10 @@ Cost: T * (P + block) scores instead of T * K. A row the mask hides completely g
 `chunked_attention` handles chunk C with no padding and no held keys (keys = the queries'
 own, positions from 0): queries and keys viewed as chunks, one `is_causal` SDPA, no mask.
 
+`grouped_decode_attention` is a decode step (one query) over keys shared by groups of query
+heads, without `repeat_kv`'s copy of them; the pass uses it for GptOss's eager attention with
+sinks (SDPA decode steps keep SDPA, their queries viewed the same way).
+
 Plain aten ops only (pad, index_select, matmul, softmax; the mask's band is an unfold, which
 needs no gradient): Inductor compiles and fuses them, torch.export records them, autograd
 differentiates them.
@@ -88,6 +92,41 @@ def banded_attention(
     out = torch.matmul(probs.reshape(batch, kv_heads, blocks, groups * block, band), values)
     out = out.view(batch, kv_heads, blocks, groups, block, dim).permute(0, 1, 3, 2, 4, 5)
     return out.reshape(batch, heads, padded, dim)[:, :, :length]
+
+
+def grouped_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query per head, a KV head's G query heads as the G rows of one matmul: what SDPA (with
+    `sinks`, GptOss's eager attention) computes over `repeat_kv`'s copy of the keys and values,
+    reading each key once per KV head instead of once per query head.
+
+    query [B, H, 1, D]; key, value [B, Hk, K, D] (H a multiple of Hk); mask broadcastable as
+    [B or 1, 1, 1, K], boolean (True: attend) or additive; `sinks` [H] as in `banded_attention`.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scale = dim**-0.5 if scale is None else scale
+    scores = torch.matmul(query.reshape(batch, kv_heads, groups, dim), key.transpose(-1, -2)) * scale  # [B, Hk, G, K]
+    boolean = mask is not None and mask.dtype == torch.bool
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if boolean else scores + mask
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).reshape(1, kv_heads, groups, 1)
+        scores = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
+        probs = torch.softmax(scores, dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if boolean:
+        probs = probs.masked_fill(~mask, 0.0)  # a row with no visible key: 0, not NaN
+    return torch.matmul(probs, value).reshape(batch, heads, 1, value.shape[-1])
 
 
 def chunked_attention(

@@ -17,7 +17,7 @@ from transformers import StaticCache
 
 import hetgraph
 from hetgraph.attention import window_mask
-from hetgraph.attention_forms import banded_attention, chunked_attention
+from hetgraph.attention_forms import banded_attention, chunked_attention, grouped_decode_attention
 from hetgraph.backend import HetgraphBackend
 from hetgraph.contract import model_spec
 from references import load_reference
@@ -64,6 +64,20 @@ def test_banded_attention_equals_masked_sdpa(length, window, held, padded, block
     torch.testing.assert_close(got, _dense(q, k, v, mask, s), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kv_heads,sinks,additive", itertools.product([1, 2, 4], [False, True], [False, True]))
+def test_grouped_decode_attention_equals_masked_sdpa(kv_heads, sinks, additive):
+    """One query per head; batch row 1 sees only its last 3 keys (left padding); an additive mask
+    as GptOss's eager attention adds it."""
+    torch.manual_seed(kv_heads)
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, kv_heads, 11, 8), torch.randn(2, kv_heads, 11, 8)
+    mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+    mask[1, ..., :8] = False
+    s = torch.randn(4) if sinks else None
+    given = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min) if additive else mask
+    got = grouped_decode_attention(q, k, v, given, scale=8**-0.5, sinks=s)
+    torch.testing.assert_close(got, _dense(q, k, v, mask, s), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("length,chunk", itertools.product([1, 4, 5, 13], [4, 5]))
 def test_chunked_attention_equals_masked_sdpa(length, chunk):
     torch.manual_seed(length)
@@ -96,6 +110,10 @@ def test_compiled_long_prompt_takes_the_banded_form_and_matches_the_reference(mo
             assert not report[s].startswith("banded") and "padding" in refused[s], (s, report[s])
         else:
             assert report[s].startswith(f"banded attention (extent {size}"), (s, report[s])
+        # Grouped heads: the form reads the keys before repeat_kv (GptOss's kept eager attention cannot).
+        grouped = spec[s].num_attention_heads > spec[s].num_key_value_heads
+        kept_eager = report[s].startswith("eager attention")
+        assert ("on the KV heads" in report[s]) == (grouped and not kept_eager), (s, report[s])
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +196,22 @@ def test_a_prompt_longer_than_the_cache_is_refused_naming_the_layer(model):
     full = next(s.index for s in model_spec(model) if s.has_attention and s.window[0] == "full")
     with pytest.raises(ValueError, match=f"layer {full}: a prompt of 12 tokens does not fit its cache of 8 positions"):
         model(ids, cache=cache)
+
+
+@torch.no_grad()
+def test_a_compiled_gpt_oss_decode_step_packs_its_sink_attention_and_matches_the_reference(case_checkpoint):
+    """GptOss's eager attention with sinks, one compiled decode step after an eager prefill of a
+    left-padded batch of two into `make_cache`: the last position's logits of the reference."""
+    path = case_checkpoint("gpt_oss")
+    model, ref = hetgraph.from_pretrained(path), load_reference(path)
+    ids, mask = prompts(VOCAB, length=12, pad=(0, 4), seed=8)
+    cache = hetgraph.make_cache(model, batch_size=2, max_cache_len=16)
+    model(ids[:, :-1], attention_mask=mask[:, :-1], cache=cache)
+    backend = HetgraphBackend()
+    step = torch.compile(model.forward, backend=backend, fullgraph=True)
+    got = step(input_ids=ids[:, -1:], attention_mask=mask, cache=cache).logits[:, -1]
+    torch.testing.assert_close(got, ref.logits(ids, mask)[:, -1], atol=ATOL, rtol=0)
+    report, _ = _forms(backend)
+    spec = model_spec(model)
+    grouped = [i for i in spec.attention_layers if spec[i].num_attention_heads > spec[i].num_key_value_heads]
+    assert grouped and all(report[i].startswith("GQA-packed attention with sinks") for i in grouped), report

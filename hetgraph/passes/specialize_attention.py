@@ -14,7 +14,11 @@ that, the LayerSpec table and the op's shapes this pass chooses, per layer:
 * decode (one query) with grouped KV heads: the queries of a KV head's group packed as that head's
   queries (`[B, H, 1, D]` viewed as `[B, Hk, H/Hk, D]`) and SDPA over the held keys as they are
   (`packed_gqa`), instead of over transformers' `repeat_kv` copy of them, which under torch.compile
-  copies every key and value slot of the cache to every query head at every step;
+  copies every key and value slot of the cache to every query head at every step (GptOss's eager
+  attention with sinks: `grouped_decode_attention`, the sink column kept);
+* any form, where the keys and values are `repeat_kv`'s copy: the form reads them before it (SDPA
+  with `enable_gqa`, the per-chunk SDPA too; the banded form takes a KV head's query heads as rows
+  of one matmul), so a prefill does not copy its keys to every query head either;
 * otherwise the attention stays, with the reason: decode without grouped heads (one query over the
   held window), full attention with padding or a cache holding tokens, keys not aligned (a ring buffer in
   decode), a mask the hook did not build, dropout, or an additive mask without sinks.
@@ -41,7 +45,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from hetgraph import attention_forms
 from hetgraph.attention import MASK_META
-from hetgraph.attention_forms import band_size, banded_attention, chunked_attention
+from hetgraph.attention_forms import band_size, banded_attention, chunked_attention, grouped_decode_attention
 from hetgraph.passes._graph import ADD, SDPA, aten, finish, is_op, is_view, layer_of, value
 from hetgraph.passes._types import DYNAMO, EXPORT, PassContext, PassResult, applies_to
 
@@ -185,24 +189,45 @@ def repeated_kv(node) -> tuple[fx.Node, int] | None:
     return source, n
 
 
+def unrepeated(site: Site) -> tuple[fx.Node, fx.Node, int] | None:
+    """(keys, values, group size) when the site reads `repeat_kv` of its keys and values alike."""
+    keys, values = repeated_kv(site.key), repeated_kv(site.value)
+    if keys is None or values is None or keys[1] != values[1]:
+        return None
+    return keys[0], values[0], keys[1]
+
+
 def packed_decode(site: Site) -> tuple[fx.Node, fx.Node, int] | str | None:
     """For a decode SDPA over `repeat_kv`'s keys and values: (keys, values, group size) to pack the
     queries with, or why not; None where there is nothing to pack (one query per KV head, or
     more than one query)."""
     q = value(site.query)
-    if q is None or q.dim() != 4 or _static(q.shape[-2]) != 1 or site.sinks is not None:
+    if q is None or q.dim() != 4 or _static(q.shape[-2]) != 1:
         return None
-    keys, values = repeated_kv(site.key), repeated_kv(site.value)
-    if keys is None and values is None:
+    if repeated_kv(site.key) is None and repeated_kv(site.value) is None:
         return None
-    if keys is None or values is None or keys[1] != values[1]:
+    grouped = unrepeated(site)
+    if grouped is None:
         return "keys and values are not repeated alike"
     if site.dropout or site.is_causal:
         return "dropout or is_causal in the attention"
     m = value(site.mask) if site.mask is not None else None
     if site.mask is not None and (m is None or m.dim() != 4 or _static(m.shape[1]) != 1 or _static(m.shape[2]) != 1):
         return "the mask is not one row shared by all heads"
-    return keys[0], values[0], keys[1]
+    return grouped
+
+
+def on_kv_heads(site: Site, form: str, fn, kwargs: dict) -> tuple[str, object, dict]:
+    """The chosen form reading the keys and values before `repeat_kv` (SDPA's `enable_gqa`; the
+    banded form takes a KV head's query heads as rows of one matmul), where it read the copy."""
+    grouped = None if fn in ("packed", grouped_decode_attention) else unrepeated(site)
+    if grouped is None or not (fn in (banded_attention, chunked_attention) or (site.sinks is None and fn in (None, "causal"))):
+        return form, fn, kwargs
+    keys, values, groups = grouped
+    kwargs = {**kwargs, "keys": keys, "values": values}
+    if fn is chunked_attention:
+        kwargs["enable_gqa"] = True
+    return f"{form}, on the KV heads ({groups} query heads each)", fn or "gqa", kwargs
 
 
 def choose_form(site: Site, window: tuple) -> tuple[str, object, dict, str | None]:
@@ -210,8 +235,12 @@ def choose_form(site: Site, window: tuple) -> tuple[str, object, dict, str | Non
     kept = "eager attention with sinks" if site.sinks is not None else "masked SDPA"
     packed = packed_decode(site)
     if isinstance(packed, tuple):
-        form = f"GQA-packed SDPA over the held keys (decode, {packed[2]} query heads per KV head)"
-        return form, "packed", {"keys": packed[0], "values": packed[1], "groups": packed[2]}, None
+        keys, values, groups = packed
+        if site.sinks is not None:
+            form = f"GQA-packed attention with sinks over the held keys (decode, {groups} query heads per KV head)"
+            return form, grouped_decode_attention, {"keys": keys, "values": values, "scale": site.scale}, None
+        form = f"GQA-packed SDPA over the held keys (decode, {groups} query heads per KV head)"
+        return form, "packed", {"keys": keys, "values": values, "groups": groups}, None
     if isinstance(packed, str):
         return f"{kept} over repeated keys (decode)", None, {}, packed
     if site.mask is None:
@@ -254,16 +283,23 @@ def choose_form(site: Site, window: tuple) -> tuple[str, object, dict, str | Non
 
 def _rewrite(gm: fx.GraphModule, site: Site, fn, kwargs: dict) -> None:
     node = site.out
+    kwargs = dict(kwargs)
+    keys, values = kwargs.pop("keys", site.key), kwargs.pop("values", site.value)
     if fn == "packed":
-        _pack_queries(gm, site, **kwargs)
+        _pack_queries(gm, site, keys, values, **kwargs)
         return
-    if fn == "causal":  # the same SDPA, its mask replaced by is_causal
+    if fn in ("causal", "gqa"):  # the same SDPA: its mask replaced by is_causal, or on the KV heads
+        gqa = {"enable_gqa": True} if keys is not site.key else {}
+        if fn == "gqa":
+            _set_inputs(node, site.query, keys, values)
+            node.kwargs = {**node.kwargs, **gqa}
+            return
         others = {k: v for k, v in node.kwargs.items() if k not in SDPA_KWARGS}  # e.g. enable_gqa
         scale = {} if site.scale is None else {"scale": site.scale}
-        node.args = (site.query, site.key, site.value)
-        node.kwargs = {**others, "is_causal": True, **scale}
+        node.args = (site.query, keys, values)
+        node.kwargs = {**others, "is_causal": True, **scale, **gqa}
         return
-    args = (site.query, site.key, site.value) + (() if fn is chunked_attention else (site.mask,))
+    args = (site.query, keys, values) + (() if fn is chunked_attention else (site.mask,))
     if site.sinks is not None:
         kwargs = {**kwargs, "sinks": site.sinks}
     with gm.graph.inserting_before(node):
@@ -272,6 +308,18 @@ def _rewrite(gm: fx.GraphModule, site: Site, fn, kwargs: dict) -> None:
     new.meta.update(is_wrapped=True, user_cache_hash=_forms_hash())  # cacheable by AOTAutograd
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+
+
+def _set_inputs(node: fx.Node, query, key, value_) -> None:
+    """An SDPA node's query, key and value replaced, wherever it takes them (positions or keywords)."""
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name, new in (("query", query), ("key", key), ("value", value_)):
+        i = SDPA_PARAMS.index(name)
+        if i < len(args):
+            args[i] = new
+        else:
+            kwargs[name] = new
+    node.args, node.kwargs = tuple(args), kwargs
 
 
 def _pack_queries(gm: fx.GraphModule, site: Site, keys: fx.Node, values: fx.Node, groups: int) -> None:
@@ -298,14 +346,7 @@ def _pack_queries(gm: fx.GraphModule, site: Site, keys: fx.Node, values: fx.Node
 
     with graph.inserting_before(node):
         packed = call(aten.unflatten.int, (call(aten.squeeze.dim, (site.query, 2), q_flat), 1, shape), q_packed)
-    args, kwargs = list(node.args), dict(node.kwargs)
-    for name, new in (("query", packed), ("key", keys), ("value", values)):
-        i = SDPA_PARAMS.index(name)
-        if i < len(args):
-            args[i] = new
-        else:
-            kwargs[name] = new
-    node.args, node.kwargs = tuple(args), kwargs
+    _set_inputs(node, packed, keys, values)
     with graph.inserting_after(node):
         flat = call(aten.flatten.using_ints, (node, 1, 2), out_flat)
     with graph.inserting_after(flat):
@@ -344,6 +385,7 @@ def specialize_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if layer >= len(ctx.spec):
             continue
         form, fn, kwargs, why = choose_form(site, ctx.spec[layer].window)
+        form, fn, kwargs = on_kv_heads(site, form, fn, kwargs)
         report[layer] = form
         if why is not None:
             refused[layer] = why

@@ -107,7 +107,7 @@ class ModelInputsHook:
         ref = embeds if embeds is not None else ids
         if ref is None:
             return (), kwargs  # the stock forward raises its own error
-        batch, q_len, device = ref.shape[0], ref.shape[1], ref.device
+        q_len, device = ref.shape[1], ref.device
         cache = kwargs.get("cache")
         padding = _padding_mask(kwargs.get("attention_mask"), device)
         _drop_unused_cache_layers(cache, self.stateless)

@@ -39,8 +39,10 @@ def measure(name: str, max_len: int | None, rounds: int, steps: int) -> dict:
     ids = torch.randint(0, preset.config["vocab_size"], (1, PROMPT))
     backend = HetgraphBackend()
     engines = {
-        "inductor": (torch.compile(model.forward, backend="inductor"), StaticCache(config=model.config, max_cache_len=max_len)),
-        "hetgraph": (torch.compile(model.forward, backend=backend), hetgraph.make_cache(model, batch_size=1, max_cache_len=max_len)),
+        "inductor": (torch.compile(model.forward, backend="inductor"),
+                     StaticCache(config=model.config, max_cache_len=max_len)),
+        "hetgraph": (torch.compile(model.forward, backend=backend),
+                     hetgraph.make_cache(model, batch_size=1, max_cache_len=max_len)),
     }  # fmt: skip
 
     def prefill(engine):
@@ -66,7 +68,8 @@ def measure(name: str, max_len: int | None, rounds: int, steps: int) -> dict:
                     start = time.perf_counter()
                     token = step(e, token)
                     times[e].append((time.perf_counter() - start) * 1e3)
-    forms = [r.report for g in backend.reports if g.spec is not None for r in g.records if r.name == "specialize_attention"]
+    forms = [r.report for g in backend.reports if g.spec is not None
+             for r in g.records if r.name == "specialize_attention"]  # fmt: skip
     packed = sum(str(f).startswith("GQA-packed") for f in forms[-1].values()) if forms else 0
     med = {e: statistics.median(t) for e, t in times.items()}
     return {"preset": name, "max_cache_len": max_len, "decode_ms": med, "ratio": med["hetgraph"] / med["inductor"],
@@ -88,14 +91,16 @@ def main(argv=None) -> int:
         results.append(measure(name, args.max_cache_len, args.rounds, args.steps))
         torch._dynamo.reset()
         print(json.dumps(results[-1]), flush=True)
-    rows = ["| preset | cache slots | Inductor ms/token | hetgraph ms/token | hetgraph / Inductor | GQA-packed layers (decode) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| preset | cache slots | Inductor ms/token | hetgraph ms/token | hetgraph / Inductor "
+            "| GQA-packed layers (decode) |", "|---|---|---|---|---|---|"]
     for r in results:
-        rows.append(f"| {r['preset']} | {r['max_cache_len']} | {r['decode_ms']['inductor']:.2f} | "
-                    f"{r['decode_ms']['hetgraph']:.2f} | {r['ratio']:.2f} | {r['packed_layers']} of {r['attention_layers']} |")
+        ms = r["decode_ms"]
+        rows.append(f"| {r['preset']} | {r['max_cache_len']} | {ms['inductor']:.2f} | {ms['hetgraph']:.2f} "
+                    f"| {r['ratio']:.2f} | {r['packed_layers']} of {r['attention_layers']} |")
     md = ["# Decode step time, hetgraph / Inductor (CPU, one process, engines interleaved)", "",
           f"Command: `python benchmarks/decode_steps.py {' '.join(argv if argv is not None else sys.argv[1:])}`  ",
-          f"Medians of {args.rounds} rounds x {args.steps} greedy steps per engine after a {PROMPT}-token prompt.", "",
+          f"Medians of {args.rounds} rounds x {args.steps} greedy steps per engine after a {PROMPT}-token prompt.",
+          "",
           *rows, ""]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(md))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx.traceback import annotate
-from transformers.cache_utils import DummyLayer, DynamicLayer
+from transformers.cache_utils import CacheLayerMixin, DummyLayer, DynamicLayer
 
 from hetgraph.spec import ModelSpec
 
@@ -214,8 +214,30 @@ def _padding_mask(attention_mask, device) -> torch.Tensor | None:
     return attention_mask.to(device=device, dtype=torch.bool)
 
 
+class NoKVLayer(DummyLayer):
+    """transformers' `DummyLayer` (nothing stored) for a layer without attention, whose sequence length
+    is that of its cache's first attention layer. transformers 5.25's `Cache.get_seq_length()` asks
+    layer 0 itself (5.24 skipped to the first attention layer), and layer 0 of a pruned model may have
+    no attention; `generate` reads that length to know how much of the prompt is cached."""
+
+    def __init__(self, cache_layers: list):
+        super().__init__()
+        self.cache_layers = cache_layers  # the cache's own list of layers, this one among them
+
+    def get_seq_length(self, *args, **kwargs):
+        return first_attention_length(self.cache_layers)
+
+
+def first_attention_length(cache_layers) -> int:
+    """The sequence length of the first attention layer (not mamba state, as transformers 5.24 counted)."""
+    for layer in cache_layers:
+        if isinstance(layer, CacheLayerMixin):
+            return layer.get_seq_length()
+    return 0
+
+
 def _drop_unused_cache_layers(cache, layers: tuple[int, ...]) -> None:
-    """Give layers without attention (or mamba state) a `DummyLayer` in a cache transformers built.
+    """Give layers without attention (or mamba state) a `NoKVLayer` in a cache transformers built.
 
     Eager only, before the first update: it edits a Python list, which a compiled graph must not do.
     """
@@ -225,8 +247,8 @@ def _drop_unused_cache_layers(cache, layers: tuple[int, ...]) -> None:
     if not isinstance(cache_layers, list):
         return
     for i in layers:
-        if i < len(cache_layers) and not isinstance(cache_layers[i], DummyLayer):
-            cache_layers[i] = DummyLayer()  # the model never reads or writes this layer
+        if i < len(cache_layers) and not isinstance(cache_layers[i], NoKVLayer):
+            cache_layers[i] = NoKVLayer(cache_layers)  # the model never reads or writes this layer
 
 
 def _padding_4d(padding: torch.Tensor) -> torch.Tensor:

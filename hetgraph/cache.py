@@ -1,7 +1,8 @@
 """KV caches that hold exactly what each layer needs, with all bookkeeping in tensors.
 
 `make_cache` returns a transformers `Cache` with, per layer:
-  * no attention (removed or linear): a transformers `DummyLayer` (nothing stored);
+  * no attention (removed or linear): a `NoKVLayer`, transformers' `DummyLayer` (nothing stored)
+    that reports the length of the cache's first attention layer;
   * full attention: a `StaticFullLayer` (transformers' `StaticLayer`) of `max_cache_len` positions,
     allocated with the layer's own KV heads and head_dim;
   * sliding window W / chunk C: a `StaticWindowLayer`, a ring buffer of min(W, max_cache_len)
@@ -19,8 +20,9 @@ no prefill attends over empty slots; dynamo specializes on that one Python bool.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DummyLayer, LinearAttentionLayer, StaticLayer
+from transformers.cache_utils import Cache, LinearAttentionLayer, StaticLayer
 
+from hetgraph.attention import NoKVLayer, first_attention_length
 from hetgraph.contract import model_spec
 from hetgraph.placement import layer_device
 from hetgraph.spec import ModelSpec
@@ -165,6 +167,13 @@ class HeteroCache(Cache):
         self.max_cache_len = max_cache_len
         self.max_batch_size = batch_size
 
+    def get_seq_length(self, layer_idx: int = 0):
+        """Layer 0's length is the first attention layer's, whatever layer 0 holds (transformers 5.24's
+        rule; 5.25 asks layer 0, which may be a mamba state that does not count tokens)."""
+        if layer_idx == 0:
+            return first_attention_length(self.layers)
+        return super().get_seq_length(layer_idx)
+
     @property
     def nbytes(self) -> int:
         """Bytes of KV tensors held, all layers together."""
@@ -207,7 +216,7 @@ def make_cache(model, *, batch_size: int, max_cache_len: int, dtype: torch.dtype
             layers.append(_mamba_layer(s, batch_size, dtype, device))
             continue
         if not s.has_attention:
-            layers.append(DummyLayer())
+            layers.append(NoKVLayer(layers))
             continue
         kind, size = s.window
         layer = StaticFullLayer(max_cache_len) if size is None else StaticWindowLayer(max_cache_len, size)

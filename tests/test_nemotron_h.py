@@ -12,6 +12,7 @@ import transformers
 from transformers.cache_utils import DummyLayer, LinearAttentionLayer
 
 import hetgraph
+from hetgraph.attention import NoKVLayer
 from hetgraph.build import SkippedLayer
 from hetgraph.cache import StaticFullLayer
 from hetgraph.contract import model_spec
@@ -65,7 +66,13 @@ def test_structure(model, ckpt):
 def test_make_cache_layers(model):
     cache = hetgraph.make_cache(model, batch_size=2, max_cache_len=16)
     kinds = [type(layer) for layer in cache.layers]
-    assert kinds == [DummyLayer, LinearAttentionLayer, DummyLayer, StaticFullLayer, DummyLayer, LinearAttentionLayer]
+    assert kinds == [NoKVLayer, LinearAttentionLayer, NoKVLayer, StaticFullLayer, NoKVLayer, LinearAttentionLayer]
+    assert all(isinstance(cache.layers[i], DummyLayer) for i in (0, 2, 4))  # transformers' own "nothing stored"
+    # The cache's length is its attention layer's (layer 3), whatever layers 0 and 1 hold (transformers
+    # 5.25's `get_seq_length` asks layer 0).
+    with torch.no_grad():
+        model(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+    assert cache.get_seq_length() == 5 == cache.layers[0].get_seq_length()
     # Mamba states allocated now, with each layer's own dims: conv [B, conv_dim, kernel], ssm [B, heads, dim, state].
     assert cache.layers[1].conv_states[0].shape == (2, 32 + 16, 3)
     assert cache.layers[1].recurrent_states[0].shape == (2, 4, 8, 8)

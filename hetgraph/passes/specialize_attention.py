@@ -13,7 +13,7 @@ that, the LayerSpec table and the op's shapes this pass chooses, per layer:
   softmax, matmul` (`sinks_site`), the banded form keeping the sink column before its softmax;
 * decode (one query) with grouped KV heads: the queries of a KV head's group packed as that head's
   queries (`[B, H, 1, D]` viewed as `[B, Hk, H/Hk, D]`) and SDPA over the held keys as they are
-  (`packed_gqa`), instead of over transformers' `repeat_kv` copy of them, which under torch.compile
+  (`_pack_queries`), instead of over transformers' `repeat_kv` copy of them, which under torch.compile
   copies every key and value slot of the cache to every query head at every step (GptOss's eager
   attention with sinks: `grouped_decode_attention`, the sink column kept);
 * any form, where the keys and values are `repeat_kv`'s copy: the form reads them before it (SDPA
@@ -220,8 +220,9 @@ def packed_decode(site: Site) -> tuple[fx.Node, fx.Node, int] | str | None:
 def on_kv_heads(site: Site, form: str, fn, kwargs: dict) -> tuple[str, object, dict]:
     """The chosen form reading the keys and values before `repeat_kv` (SDPA's `enable_gqa`; the
     banded form takes a KV head's query heads as rows of one matmul), where it read the copy."""
-    grouped = None if fn in ("packed", grouped_decode_attention) else unrepeated(site)
-    if grouped is None or not (fn in (banded_attention, chunked_attention) or (site.sinks is None and fn in (None, "causal"))):
+    takes_kv_heads = fn in (banded_attention, chunked_attention) or (site.sinks is None and fn in (None, "causal"))
+    grouped = unrepeated(site) if takes_kv_heads else None  # the packed forms already read them
+    if grouped is None:
         return form, fn, kwargs
     keys, values, groups = grouped
     kwargs = {**kwargs, "keys": keys, "values": values}

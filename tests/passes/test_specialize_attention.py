@@ -115,7 +115,8 @@ def test_decode_with_grouped_heads_packs_the_queries_and_reads_the_keys_unrepeat
     gm, inputs, ctx = _decode()
     reference = copy_graph(gm)
     result = specialize_attention(gm, ctx)
-    assert result.changed and result.report[0].startswith("GQA-packed SDPA over the held keys (decode, 2 query"), result.report
+    assert result.changed, result.report
+    assert result.report[0].startswith("GQA-packed SDPA over the held keys (decode, 2 query"), result.report
     (sdpa,) = [n for n in gm.graph.nodes if n.target in SDPA]
     key_heads = sdpa.args[1].meta["example_value"].shape[1]
     assert key_heads == 2 and sdpa.args[0].meta["example_value"].shape[1:3] == (2, 2)  # [B, Hk, groups, D]

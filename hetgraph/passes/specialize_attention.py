@@ -204,17 +204,17 @@ def packed_decode(site: Site) -> tuple[fx.Node, fx.Node, int] | str | None:
     q = value(site.query)
     if q is None or q.dim() != 4 or _static(q.shape[-2]) != 1:
         return None
-    if repeated_kv(site.key) is None and repeated_kv(site.value) is None:
+    keys, values = repeated_kv(site.key), repeated_kv(site.value)
+    if keys is None and values is None:
         return None
-    grouped = unrepeated(site)
-    if grouped is None:
+    if keys is None or values is None or keys[1] != values[1]:
         return "keys and values are not repeated alike"
     if site.dropout or site.is_causal:
         return "dropout or is_causal in the attention"
     m = value(site.mask) if site.mask is not None else None
     if site.mask is not None and (m is None or m.dim() != 4 or _static(m.shape[1]) != 1 or _static(m.shape[2]) != 1):
         return "the mask is not one row shared by all heads"
-    return grouped
+    return keys[0], values[0], keys[1]
 
 
 def on_kv_heads(site: Site, form: str, fn, kwargs: dict) -> tuple[str, object, dict]:

@@ -19,7 +19,9 @@ it proves (`MASK_META`), which `passes/specialize_attention` reads.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import types
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +92,7 @@ class ModelInputsHook:
         self.recurrent = any(s.has_mamba for s in spec)
         # Layers that hold no attention or mamba state: a cache built by transformers from the config
         # gives them a real (empty) layer; hetgraph swaps in a DummyLayer, as `make_cache` does.
-        self.stateless = tuple(s.index for s in spec if not s.has_attention and not s.has_mamba)
+        self.stateless = stateless_layers(spec)
         self.attn_implementation = attn_implementation
         self.accepts_mask_mapping = spec.adapter.accepts_mask_mapping
         params = list(inspect.signature(base_model.forward).parameters)
@@ -236,6 +238,11 @@ def first_attention_length(cache_layers) -> int:
     return 0
 
 
+def stateless_layers(spec: ModelSpec) -> tuple[int, ...]:
+    """The layers that hold no attention or mamba state: a `NoKVLayer` in any cache."""
+    return tuple(s.index for s in spec if not s.has_attention and not s.has_mamba)
+
+
 def _drop_unused_cache_layers(cache, layers: tuple[int, ...]) -> None:
     """Give layers without attention (or mamba state) a `NoKVLayer` in a cache transformers built.
 
@@ -273,6 +280,31 @@ class LayerInputsHook:
         if rope and self.head_dim in rope:
             kwargs["position_embeddings"] = rope[self.head_dim]
         return args, kwargs
+
+
+def install_generate_hooks(model, spec) -> None:
+    """What `generate` looks up on a hetgraph model: its mask builder (none; masks are built in the
+    forward) and, with layers that hold no state, a cache preparation that gives them a `NoKVLayer`.
+
+    transformers builds `generate`'s cache from the config, with a bare `DummyLayer` for a NemotronH
+    "moe" / "mlp" layer, and asks that cache's layer 0 for its length before the first forward
+    (`_prefill`, 5.25), which a `DummyLayer` cannot answer. Set on the instance, as `save_pretrained`.
+    """
+    model.create_masks_for_generate = create_masks_for_generate
+    stateless = stateless_layers(spec)
+    stock = getattr(type(model), "_prepare_cache_for_generation", None)
+    if stateless and stock is not None:
+        model._prepare_cache_for_generation = types.MethodType(
+            functools.partial(_prepare_cache_for_generation, stock=stock, stateless=stateless), model
+        )
+
+
+def _prepare_cache_for_generation(model, *args, stock, stateless: tuple[int, ...], **kwargs):
+    """transformers' own `_prepare_cache_for_generation`, then a `NoKVLayer` in each stateless layer."""
+    result = stock(model, *args, **kwargs)
+    model_kwargs = inspect.signature(stock).bind(model, *args, **kwargs).arguments["model_kwargs"]
+    _drop_unused_cache_layers(model_kwargs.get("cache"), stateless)
+    return result
 
 
 def create_masks_for_generate(config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):

@@ -160,8 +160,7 @@ def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementatio
         mask_key = s.window if s.has_attention else attention.RECURRENT if s.has_mamba else None
         layer.register_forward_pre_hook(attention.LayerInputsHook(mask_key, s.head_dim), with_kwargs=True)
     regions.install(base.layers, spec)  # dynamo traces each layer variant once (for hetgraph's backends)
-    # `generate` looks this up on the model; hetgraph builds masks inside the forward instead.
-    model.create_masks_for_generate = attention.create_masks_for_generate
+    attention.install_generate_hooks(model, spec)
     model.save_pretrained = types.MethodType(save_pretrained, model)
     attach(model, spec)
 

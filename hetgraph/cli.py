@@ -127,8 +127,8 @@ def show_graph(args: argparse.Namespace) -> int:
     from hetgraph.export.trace import prefill_program
 
     model = from_pretrained(args.src)
-    ep, _ = prefill_program(model, input_ids=torch.zeros((1, args.prompt_len), dtype=torch.long))
-    print(describe_graph(ep, model_spec(model)))
+    ep, records = prefill_program(model, input_ids=torch.zeros((1, args.prompt_len), dtype=torch.long))
+    print(describe_graph(ep, model_spec(model), records))
     return 0
 
 

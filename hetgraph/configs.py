@@ -54,8 +54,10 @@ def config_from_per_layer(config_dict: Mapping[str, Any]) -> PreTrainedConfig:
     overridden = {attr for o in overrides.values() for attr in o}
     for name in adapter.optional_globals:
         if name in overridden and d.get(name) is None:
-            # transformers wants each per-layer attribute globally too; head_dim has a natural default.
-            d[name] = _default_head_dim(d) if name == "head_dim" else None
+            # transformers wants each per-layer attribute globally too.
+            d[name] = None
+    if _needs_global_head_dim(adapter, overridden, d.get("head_dim")):
+        d["head_dim"] = _default_head_dim(d)
     if "linear" in overridden:
         d.setdefault("linear", [])
     if adapter.has_layer_types:
@@ -74,6 +76,18 @@ def config_from_per_layer(config_dict: Mapping[str, Any]) -> PreTrainedConfig:
     except (ValueError, TypeError, RuntimeError) as e:
         raise HeteroConfigError(f"{model_type} config rejected by transformers: {e}") from e
     return config
+
+
+def _needs_global_head_dim(adapter: FamilyAdapter, overridden: set, head_dim) -> bool:
+    """Whether a config lacking a global head_dim (Qwen2) must get its natural one pinned.
+
+    A layer's head count does not change its head_dim. Without a global head_dim, a layer with
+    fewer heads would derive a wider one (its attention class reads `hidden_size //
+    num_attention_heads` on the layer's view) and the model's one RoPE table would not fit it.
+    """
+    return "head_dim" in adapter.optional_globals and head_dim is None and bool(
+        overridden & {"head_dim", "num_attention_heads"}
+    )
 
 
 def _default_head_dim(d: dict) -> int:
@@ -139,9 +153,14 @@ def _retyped_copy(config: PreTrainedConfig) -> PreTrainedConfig:
     """
     config = copy.deepcopy(config)
     adapter = adapter_for(config.model_type)
-    if not (adapter.has_layer_types and config.is_heterogeneous):
+    if not config.is_heterogeneous:
         return config
     read = config._getattr_without_heterogeneous_validation
+    overridden = {a for o in config._heterogeneity_spec.per_layer_overrides.values() for a in o}
+    if _needs_global_head_dim(adapter, overridden, read("head_dim", None)):
+        config.head_dim = _default_head_dim({n: read(n, None) for n in ("hidden_size", "num_attention_heads")})
+    if not adapter.has_layer_types:
+        return config
     layer_types = read("layer_types", None)
     if not layer_types:
         return config

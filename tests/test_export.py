@@ -422,8 +422,14 @@ def test_cli_export_and_show_graph(llama, checkpoint, tmp_path, capsys):
     blocks = re.split(r"^layer (\d+): ", text, flags=re.M)
     listing = {int(blocks[k]): blocks[k + 1] for k in range(1, len(blocks), 2)}
     assert sorted(listing) == list(range(len(spec)))
+    # The window layers (1, 5) are banded (matmuls over unfolded keys), the chunked and full ones SDPA.
+    forms = {1: "banded attention", 2: "per-chunk is_causal SDPA", 3: "is_causal SDPA", 5: "banded attention"}
     for i, s in enumerate(spec):
         assert listing[i].startswith(s.describe())
-        assert ("scaled_dot_product_attention x1" in listing[i]) == s.has_attention
+        assert ("form: " in listing[i]) == s.has_attention == (i in forms), listing[i]
+        assert f"form: {forms.get(i)}" in listing[i] or i not in forms, listing[i]
+        assert ("scaled_dot_product_attention x1" in listing[i]) == ("SDPA" in forms.get(i, ""))
+        assert ("unfold x1" in listing[i]) == ("banded" in forms.get(i, ""))
+    assert "attention (" not in listing[0] and "mlp (" in listing[0]  # the removed block's ops are gone
     assert "(no ops)" in listing[4]
-    assert "4 attention op(s) for 4 attention layer(s)" in text
+    assert "2 SDPA op(s) for 4 attention layer(s)" in text

@@ -195,3 +195,22 @@ def test_convert_applies_nemotron_h_stored_layout(tmp_path):
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
         assert torch.equal(hetgraph.from_pretrained(str(tmp_path / "dst"))(ids, attention_mask=mask).logits, want)
+
+
+@pytest.mark.parametrize("as_object", [False, True], ids=["dict", "config_object"])
+def test_fewer_heads_keep_the_global_head_dim_when_the_config_has_none(as_object):
+    """Drawn by the fuzzer: a Qwen2 layer with 2 of 4 heads derived head_dim 64 // 2 = 32 (q_proj 64
+    wide) on its own view, so its width depended on whether any layer named a head_dim."""
+    config = dict(model_type="qwen2", hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, intermediate_size=64,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  per_layer_config={1: {"num_attention_heads": 2}})
+    if as_object:
+        from transformers import Qwen2Config
+
+        config = Qwen2Config(**config)
+        assert getattr(config, "head_dim", None) is None
+    model = hetgraph.from_config(config)
+    assert [tuple(layer.self_attn.q_proj.weight.shape) for layer in model.model.layers] == [(64, 64), (32, 64)]
+    assert model.config.head_dim == 16
+    if not as_object:
+        check_eager("llama", config, (6, 2))

@@ -80,6 +80,17 @@ def test_make_cache_layers(model):
     assert cache.layers[3].keys.shape == (2, 1, 16, 8)
 
 
+def test_generate_with_transformers_cache_when_layer_0_is_moe(checkpoint):
+    """transformers 5.25 builds `generate`'s cache with a bare `DummyLayer` for a "moe" layer and asks
+    layer 0 for the length before the first forward; a MoE layer 0 gets a `NoKVLayer` in time."""
+    blocks = ["moe", "linear_attention", "full_attention", "mlp"]
+    path = checkpoint(hetero_config(layers_block_type=blocks, per_layer_config={}), seed=2)
+    model, ref = hetgraph.from_pretrained(path), load_reference(path)
+    ids, mask = prompts(VOCAB, pad=(0, 2))
+    out = assert_greedy_matches(model, ref, ids, mask, new=5, cache="default")
+    assert [type(layer) for layer in out.past_key_values.layers][::3] == [NoKVLayer, NoKVLayer]
+
+
 def test_removed_mixers_of_every_type(checkpoint):
     """`mixer` and the type's own name remove mamba, MoE and MLP mixers too: those blocks become the identity."""
     per_layer = {1: {"skip": ["mixer"]}, 2: {"skip": ["mlp"]}, 4: {"skip": ["mlp"]}, 5: {"skip": ["mamba"]}}

@@ -1,7 +1,8 @@
 """The README's Python snippets, run as written, in order, in one namespace.
 
-The snippets leave `input_ids`, `max_new_tokens`, `other_config` and `parent_config` to the reader;
-the test supplies them. Slow:
+The snippets leave `input_ids`, `max_new_tokens`, `CKPT`, `other_config` and `parent_config` to the
+reader; the test supplies them. The device-map snippet needs two GPUs and runs only where there are
+(its maps are tested with pretend GPUs in tests/test_placement.py). Slow:
 the snippets compile for generation and write AOTInductor packages (`bash scripts/test.sh -m slow`).
 """
 
@@ -34,8 +35,12 @@ def test_the_readme_has_the_snippets_this_test_runs():
 def test_readme_snippets_run_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snippets write ckpt/, model.pt2 and out/ where they run
     torch.manual_seed(0)
-    namespace = {"input_ids": torch.randint(0, 2048, (1, 8)), "max_new_tokens": 6}
+    namespace = {"input_ids": torch.randint(0, 2048, (1, 8)), "max_new_tokens": 6, "CKPT": "ckpt"}
+    multi_gpu = [b for b in python_blocks(README.read_text()) if 'device_map="auto"' in b]
+    assert len(multi_gpu) == 1
     for block in python_blocks(README.read_text()):
+        if block in multi_gpu and torch.cuda.device_count() < 2:
+            continue
         if "config" in namespace:  # what the latency-table snippet leaves to the reader
             namespace.setdefault("other_config", namespace["config"])
             namespace.setdefault("parent_config", {k: v for k, v in namespace["config"].items() if k != "per_layer_config"})

@@ -31,18 +31,25 @@ def layer_ops(ep: torch.export.ExportedProgram) -> dict[tuple[int | None, str | 
     return table
 
 
-def describe_graph(ep: torch.export.ExportedProgram, spec) -> str:
-    """A per-layer listing of a specialized program: each layer's spec line and its ops by count."""
+def describe_graph(ep: torch.export.ExportedProgram, spec, records=()) -> str:
+    """A per-layer listing of a specialized program: each layer's spec line, the attention form
+    `specialize_attention` gave it (from the pass `records`, if given) and its ops by count."""
     table = layer_ops(ep)
+    forms = {}
+    for record in records:
+        if record.name == "specialize_attention":
+            forms = {**{k: f"kept: {v}" for k, v in record.refused.items()}, **record.report}
 
     def ops(counts: Counter) -> str:
         return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     total = sum(sum(c.values()) for c in table.values())
     attention = sum(c[name] for c in table.values() for name in c if "attention" in name)
-    lines = [f"{total} ops, {attention} attention op(s) for {len(spec.attention_layers)} attention layer(s)"]
+    lines = [f"{total} ops, {attention} SDPA op(s) for {len(spec.attention_layers)} attention layer(s)"]
     for i, s in enumerate(spec):
         lines.append(f"layer {i}: {s.describe()}")
+        if i in forms:
+            lines.append(f"    form: {forms[i]}")
         parts = sorted(((block, c) for (layer, block), c in table.items() if layer == i), key=lambda p: p[0] or "~")
         if not parts:
             lines.append("    (no ops)")

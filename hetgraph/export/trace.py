@@ -12,6 +12,7 @@ from torch import nn
 from hetgraph.contract import model_spec
 from hetgraph.export.plan import _plan
 from hetgraph.passes import EXPORT, PassContext, PassRecord, run_passes
+from hetgraph.passes.attribute_nodes import attribute_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def specialize(ep: torch.export.ExportedProgram, spec) -> tuple[torch.export.Exp
     Every pass but group_layer_variants: its shared submodules are not part of an ExportedProgram's
     signature. A pass may insert calls of Python functions (specialize_attention's forms);
     `run_decompositions({})` retraces the program, which inlines them as aten ops and decomposes
-    nothing else.
+    nothing else; the nodes of the retraced program are tagged again (`hetgraph.export.listing`).
     """
     _, records = run_passes(ep.graph_module, PassContext(spec=spec), graph=EXPORT)
     for record in records:
@@ -31,6 +32,8 @@ def specialize(ep: torch.export.ExportedProgram, spec) -> tuple[torch.export.Exp
     ep.graph_module.recompile()
     if any(n.op == "call_function" and not _is_op(n.target) for n in ep.graph.nodes):
         ep = ep.run_decompositions({})
+        # The retrace keeps each node's module path but not hetgraph's tags: attribute them again.
+        attribute_nodes(ep.graph_module, PassContext(spec=spec))
     ep.validate()
     return ep, records
 

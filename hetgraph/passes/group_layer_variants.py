@@ -8,6 +8,11 @@ spec. Every variant used by two or more layers becomes one shared module called 
 each layer; a variant used once stays inline, where Inductor can fuse it with its neighbours.
 A layer whose nodes are not a self-contained region of the graph is left inline and reported.
 
+The regions are cut at the residual stream, not at the module boundary: a layer's closing residual
+add opens the region of the layer that reads it, so that add and that layer's first norm stay in
+one graph, where Inductor fuses them (`_carry_residual_adds`); the first layer opens with `x + 0`
+to keep the same code as the later layers of its variant (`_open_first_layer`).
+
 Not when the graph will be differentiated: Inductor (torch 2.13) plans the outer graph's buffers as
 if a subgraph call's outputs were fresh, but the partitioned forward subgraph returns its inputs
 (the layer's input activations) as values saved for backward, and the outer graph then reuses those
@@ -24,7 +29,7 @@ from collections import defaultdict
 import torch
 import torch.fx as fx
 
-from hetgraph.passes._graph import TAG, NodeTag, compute_nodes, finish, layer_of, value
+from hetgraph.passes._graph import ADD, TAG, NodeTag, compute_nodes, finish, layer_of, tag, value
 from hetgraph.passes._types import DYNAMO, PassContext, PassResult, applies_to
 
 INVOKE = torch.ops.higher_order.invoke_subgraph
@@ -57,6 +62,79 @@ def _region(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]] | str:
         if early:
             return f"{early} read the layer's values before the layer ends"
     return list(inputs), outputs
+
+
+def _carry_residual_adds(by_layer: dict[int, list[fx.Node]]) -> dict[int, list[fx.Node]]:
+    """Cut the regions so that each layer's closing residual add opens the region that reads it.
+
+    A layer ends with `residual + block output` and the next begins with a norm of that sum: inside
+    one graph Inductor fuses the two into one kernel; across a subgraph call it cannot (one more
+    kernel and one more pass over the hidden states per shared layer). So a layer's last node, when
+    it is that add, goes to the front of the one later layer that reads it, or out of every region
+    when only the glue after the layers reads it (the final norm, inline). Layer 0 opens with no add,
+    so it is a variant of its own; every later layer of one variant still has the same code.
+    """
+    owner = {n: layer for layer, nodes in by_layer.items() for n in nodes}
+    cut = {layer: list(nodes) for layer, nodes in by_layer.items()}
+    for layer in sorted(by_layer):
+        tail = by_layer[layer][-1]
+        t = tag(tail)
+        if not (tail.op == "call_function" and tail.target in ADD and t.block is None and tail.users):
+            continue
+        readers = {owner.get(u) for u in tail.users}
+        if len(readers) != 1:
+            continue
+        (reader,) = readers
+        if reader == layer:
+            continue
+        cut[layer].remove(tail)
+        if reader is not None:
+            cut[reader].insert(0, tail)
+    return {layer: nodes for layer, nodes in cut.items() if nodes}
+
+
+def _open_first_layer(gm: fx.GraphModule, by_layer, cut, groups) -> None:
+    """Give the first layer the opening the others carry, `x + 0`, when that makes it their variant.
+
+    The first layer reads the embeddings, not a residual add, so its region alone opens without one;
+    with `x + zeros_like(x)` in front (exact: a zero added changes no value) it has the code of the
+    later layers of its variant and shares their subgraph. Tried, and undone if it matches none.
+    """
+    first = min(cut, default=None)
+    if first is None or layer_of(by_layer[first][0]) != first:
+        return  # no region, or the first one already opens with a carried add
+    if len(groups[_signature(cut[first][3], cut[first][1])]) > 1:
+        return
+    # A later region opens with an add carried from the layer before it (`_carry_residual_adds`).
+    carried = [by_layer[k][0] for k in cut if k != first and layer_of(by_layer[k][0]) != k]
+    nodes = by_layer[first]
+    members = set(nodes)
+    residual = next((n.args[0] for n in nodes if n.op == "call_function" and n.target in ADD
+                     and tag(n).block is None and isinstance(n.args[0], fx.Node) and n.args[0] not in members), None)
+    if not carried or residual is None or not isinstance(value(residual), torch.Tensor):
+        return
+    graph, template = gm.graph, carried[0]
+    with graph.inserting_before(nodes[0]):
+        zeros = graph.call_function(torch.zeros_like, (residual,))
+        opened = graph.call_function(template.target, (residual, zeros))
+    zeros.meta = {"example_value": value(residual)}
+    opened.meta = {TAG: NodeTag(layer=first, block=None, module_type=None, module_name=None),
+                   "example_value": value(residual)}
+    residual.replace_all_uses_with(opened, delete_user_cb=lambda user: user in members)
+    trial = [opened, *nodes]
+    region = _region(trial)
+    if not isinstance(region, str):
+        sub = _subgraph(trial, *region)
+        key = _signature(sub, region[0])
+        if key in groups:
+            del groups[_signature(cut[first][3], cut[first][1])]  # it held the first layer alone
+            groups[key].insert(0, first)
+            cut[first] = (trial, *region, sub)
+            by_layer[first] = trial
+            return
+    opened.replace_all_uses_with(residual)
+    graph.erase_node(opened)
+    graph.erase_node(zeros)
 
 
 def _is_complex(node: fx.Node) -> bool:
@@ -110,6 +188,7 @@ def group_layer_variants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for n in compute_nodes(gm):
         if layer_of(n) is not None:
             by_layer[layer_of(n)].append(n)
+    by_layer = _carry_residual_adds(by_layer)
 
     cut: dict[int, tuple] = {}
     groups: dict[tuple, list[int]] = defaultdict(list)
@@ -125,10 +204,11 @@ def group_layer_variants(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         sub = _subgraph(nodes, inputs, outputs)
         cut[layer] = (nodes, inputs, outputs, sub)
         groups[_signature(sub, inputs)].append(layer)
+    _open_first_layer(gm, by_layer, cut, groups)
 
     changed = False
     renamed: dict[fx.Node, fx.Node] = {}
-    for k, layers in enumerate(groups.values()):
+    for k, layers in enumerate(sorted(groups.values(), key=min)):  # named in layer order
         name = f"{PREFIX}{k}"
         if len(layers) < 2:
             report[layers[0]] = "variant used once: inline"

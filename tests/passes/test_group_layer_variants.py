@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hetgraph.passes import group_layer_variants
-from hetgraph.passes._graph import layer_of, ops_per_layer
+from hetgraph.passes._graph import ADD, layer_of, ops_per_layer
 from hetgraph.passes.group_layer_variants import GRAD_REFUSAL, PREFIX
 from support.graphs import assert_same_outputs, copy_graph
 from support.tiny_stack import attributed, layer, spec, trace
@@ -68,4 +68,23 @@ def test_nothing_is_shared_when_gradients_are_needed(traced):
     code = gm.code
     result = group_layer_variants(gm, type(ctx)(spec=ctx.spec, input_layers=ctx.input_layers, needs_grad=True))
     assert not result.changed and result.refused == {None: GRAD_REFUSAL} and gm.code == code
+    assert_same_outputs(gm, original, inputs)
+
+
+def test_each_region_opens_with_the_residual_add():
+    """A layer's closing residual add opens the next layer's shared region, where Inductor fuses it
+    with that layer's norm; the first layer opens with `x + 0`, so it shares too; the last layer's
+    add stays outside, beside the final norm."""
+    gm, inputs, ctx, original = _attributed(spec(layer(), layer(window=3, width=16), layer(), layer(window=3, width=16)))
+    result = group_layer_variants(gm, ctx)
+    assert result.report[0] == result.report[2] and result.report[1] == result.report[3]
+    for name in _shared(gm):
+        first = next(n for n in getattr(gm, name).graph.nodes if n.op == "call_function")
+        assert first.target in ADD, (name, first.format_node())
+    calls = [n for n in gm.graph.nodes if n.target is INVOKE]
+    assert [layer_of(n) for n in calls] == [0, 1, 2, 3]
+    opening = calls[0].args[2:4]  # the embeddings, and the zeros added to them
+    assert [n.target for n in opening[1:]] == [torch.zeros_like] and opening[1].args == (opening[0],)
+    inline = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ADD and layer_of(n) == 3]
+    assert len(inline) == 1 and all(a.args[0] is calls[-1] for a in inline[0].all_input_nodes)
     assert_same_outputs(gm, original, inputs)

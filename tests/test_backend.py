@@ -269,6 +269,7 @@ def test_explain_reports_per_layer(checkpoint):
         "select_window_masks",
         "specialize_shapes",
         "specialize_attention",
+        "specialize_experts",
         "group_layer_variants",
     ]
     eliminate = graph.records[1]

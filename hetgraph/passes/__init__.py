@@ -25,6 +25,7 @@ from hetgraph.passes.eliminate_skipped_blocks import eliminate_skipped_blocks
 from hetgraph.passes.group_layer_variants import group_layer_variants
 from hetgraph.passes.select_window_masks import select_window_masks
 from hetgraph.passes.specialize_attention import specialize_attention
+from hetgraph.passes.specialize_experts import specialize_experts
 from hetgraph.passes.specialize_shapes import specialize_shapes
 
 PASSES = (
@@ -33,6 +34,7 @@ PASSES = (
     select_window_masks,
     specialize_shapes,
     specialize_attention,
+    specialize_experts,
     group_layer_variants,
 )
 

@@ -4,10 +4,10 @@ Some stock MoE blocks (Llama4's) compute every expert on every token, each token
 its router score, which is zero outside the top k: `experts(repeat(x, E) * scores)`, summed over the
 experts. `hetgraph.passes.specialize_experts` proves that shape of graph and gives it these
 functions instead: the chosen (token, expert) rows sorted by expert, one grouped matmul per
-projection over the experts' stacked weights (`expert_matmul`), and the rows added back to their tokens. Each row is
-the same product `x[t] * score[t, e]` the dense form computes, and what the dense form adds for the
-other experts is exactly zero, so only the matmuls' rounding may differ. Static shapes (T * k rows),
-so one graph serves every routing.
+projection over the experts' stacked weights (`expert_matmul`), and the rows added back to their
+tokens. Each row is the same product `x[t] * score[t, e]` the dense form computes, and what the
+dense form adds for the other experts is exactly zero, so only the matmuls' rounding may differ.
+Static shapes (T * k rows), so one graph serves every routing.
 """
 
 from __future__ import annotations

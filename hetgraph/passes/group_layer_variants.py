@@ -71,8 +71,9 @@ def _carry_residual_adds(by_layer: dict[int, list[fx.Node]]) -> dict[int, list[f
     one graph Inductor fuses the two into one kernel; across a subgraph call it cannot (one more
     kernel and one more pass over the hidden states per shared layer). So a layer's last node, when
     it is that add, goes to the front of the one later layer that reads it, or out of every region
-    when only the glue after the layers reads it (the final norm, inline). Layer 0 opens with no add,
-    so it is a variant of its own; every later layer of one variant still has the same code.
+    when only the glue after the layers reads it (the final norm, inline). Every later layer of one
+    variant still has the same code; the first layer, which opens with no add, gets one in
+    `_open_first_layer`.
     """
     owner = {n: layer for layer, nodes in by_layer.items() for n in nodes}
     cut = {layer: list(nodes) for layer, nodes in by_layer.items()}
@@ -97,7 +98,8 @@ def _open_first_layer(gm: fx.GraphModule, by_layer, cut, groups) -> None:
     """Give the first layer the opening the others carry, `x + 0`, when that makes it their variant.
 
     The first layer reads the embeddings, not a residual add, so its region alone opens without one;
-    with `x + zeros_like(x)` in front (exact: a zero added changes no value) it has the code of the
+    with `x + zeros_like(x)` in front (exact: adding zero changes no value; at most a -0.0 becomes
+    0.0, which the norms, matmuls and sums after it do not tell apart) it has the code of the
     later layers of its variant and shares their subgraph. Tried, and undone if it matches none.
     """
     first = min(cut, default=None)

@@ -37,6 +37,9 @@ GRAD_REFUSAL = "gradients are needed: the dense experts are kept (the routed for
 _MUL = {operator.mul, torch.mul}
 _SIGMOID = {torch.sigmoid, torch.nn.functional.sigmoid}
 _CASTS = {"float", "to", "type_as"}
+F = torch.nn.functional
+# Activations that act on each element alone (so on rows in any layout): ACT2FN's, as dynamo records them.
+_ELEMENTWISE = {F.silu, F.gelu, F.relu, F.mish, F.elu, F.leaky_relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh}
 
 
 def _method(node, *names) -> bool:
@@ -66,9 +69,10 @@ def _uncast(node):
 class _Site:
     """One dense MoE block, proven: the nodes the rewrite reads and replaces."""
 
-    def __init__(self, total, x, indices, scores, first_mm, second_mm, rows_view, experts, k):
+    def __init__(self, total, x, indices, scores, first_mm, second_mm, rows_view, between, experts, k):
         self.total, self.x, self.indices, self.scores = total, x, indices, scores
         self.first_mm, self.second_mm, self.rows_view = first_mm, second_mm, rows_view
+        self.between = between  # (chunk, gate, up, act, h): row-wise, between the two matmuls
         self.experts, self.k = experts, k
 
 
@@ -94,10 +98,9 @@ def _prove(total: fx.Node) -> _Site | str:
         return f"the down projection reads {h.name}, not a product"
     parts = [a for a in h.args if isinstance(a, fx.Node)]
     halves = [p for p in parts if _function(p, {operator.getitem})]
-    acts = [p for p in parts if p not in halves and p.op in ("call_function", "call_module")
-            and len(p.all_input_nodes) == 1]
+    acts = [p for p in parts if p not in halves and _function(p, _ELEMENTWISE) and len(p.all_input_nodes) == 1]
     if not (len(parts) == 2 and len(halves) == 1 and len(acts) == 1):
-        return "the down projection's input is not up * act(gate)"
+        return "the down projection's input is not up * act(gate) with an elementwise activation"
     (up,), (act,) = halves, acts
     gate = act.all_input_nodes[0]
     if not (_function(up, {operator.getitem}) and _function(gate, {operator.getitem})):
@@ -135,7 +138,7 @@ def _prove(total: fx.Node) -> _Site | str:
         return f"the shapes do not match one MoE block ({shapes})"
     if folded.args[1:] != (experts, -1, hidden) or rows_view.args[1:] != (experts, -1, hidden):
         return "the per-expert views are not (E, -1, H)"
-    return _Site(total, x, indices, scores, first_mm, second_mm, rows_view, experts, k)
+    return _Site(total, x, indices, scores, first_mm, second_mm, rows_view, (chunk, gate, up, act, h), experts, k)
 
 
 def _zero_outside_top_k(scores: fx.Node) -> tuple[fx.Node, int] | str:
@@ -205,7 +208,13 @@ def _rewrite(gm: fx.GraphModule, site: _Site) -> None:
     site.first_mm.kwargs = {"offs": parts[2]}
     site.first_mm.meta.update(wrapped)
     site.first_mm.meta[key] = first
-    _retype_chunk(site.first_mm, first)
+    chunk, gate, up, act, h = site.between
+    with getattr(x, "fake_mode", None) or contextlib.nullcontext():
+        halves = first.chunk(2, dim=-1)
+        # Row-wise ops, now over [T*k, ...] rows: their recorded values follow (later passes read shapes).
+        for node, v in ((chunk, halves), (gate, halves[0]), (up, halves[1]), (act, halves[0].new_empty(halves[0].shape)),
+                        (h, halves[0].new_empty(halves[0].shape))):
+            node.meta[key] = v
     site.second_mm.target, site.second_mm.kwargs = matmul, {"offs": parts[2]}
     site.second_mm.meta.update(wrapped)
     site.second_mm.meta[key] = second
@@ -214,22 +223,6 @@ def _rewrite(gm: fx.GraphModule, site: _Site) -> None:
     with graph.inserting_after(site.total):
         new = call(expert_forms.add_rows, (site.x, parts[1], out), added, site.total, wrapped=True)
     site.total.replace_all_uses_with(new)
-
-
-def _retype_chunk(mm: fx.Node, v: torch.Tensor) -> None:
-    """The chunk, halves, activation and product after a projection now [T*k, 2I]: their recorded
-    values follow (the passes after this one read shapes; AOT autograd traces them anew)."""
-    key = "example_value" if "example_value" in mm.meta else "val"
-    (chunk,) = mm.users
-    with getattr(v, "fake_mode", None) or contextlib.nullcontext():
-        halves = v.chunk(2, dim=-1)
-        chunk.meta[key] = halves
-        for half in chunk.users:
-            half.meta[key] = halves[half.args[1]]
-            for user in half.users:
-                user.meta[key] = halves[0].new_empty(halves[0].shape)
-                for product in user.users:
-                    product.meta[key] = halves[0].new_empty(halves[0].shape)
 
 
 @functools.cache

@@ -84,7 +84,9 @@ def specialize_shapes(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
                 checked[t.layer] = checked.get(t.layer, 0) + 1
                 if shape[-1] != s.head_dim:
                     rewrites.append((node, "head_dim", shape, (*shape[:-1], s.head_dim)))
-            if is_op(node, SDPA) and "scale" in node.kwargs:
+            # A scale dynamo made a graph input (`dynamic=True` traces float attributes as symbols)
+            # is the module's own value at run time: nothing baked in to check.
+            if is_op(node, SDPA) and isinstance(node.kwargs.get("scale"), (int, float)):
                 checked[t.layer] = checked.get(t.layer, 0) + 1
                 want = s.head_dim**-0.5
                 if not math.isclose(node.kwargs["scale"], want, rel_tol=1e-6):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import hetgraph
-from hetgraph.passes import attribute_nodes, specialize_experts
+from hetgraph.contract import context_from_inputs
+from hetgraph.passes import attribute_nodes, run_passes, specialize_experts
 from hetgraph.passes._graph import layer_of
 from hetgraph.passes.specialize_experts import GRAD_REFUSAL
 from support.graphs import capture, copy_graph, outputs
@@ -99,3 +100,25 @@ def test_nothing_is_routed_when_gradients_are_needed(model):
     result = specialize_experts(gm, type(ctx)(spec=ctx.spec, input_layers=ctx.input_layers, needs_grad=True))
     assert not result.changed and result.refused == {None: GRAD_REFUSAL} and gm.code == code
     assert _calls(gm, "bmm") == [1, 1, 3, 3]  # the dense experts, as dynamo traced them
+
+
+def test_symbolic_prompt_length_through_every_pass(model):
+    """`dynamic=True`: the prompt length is a symbol and dynamo traces float attributes (the SDPA
+    scale) as graph inputs; every pass still runs, the experts are routed over T*k symbolic rows."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True, dynamic=True)(torch.zeros((1, 7), dtype=torch.long))
+    (gm, inputs), = graphs
+    reference = copy_graph(gm)
+    with torch.no_grad():  # the pass context reads grad mode, as the backend's does
+        gm, records = run_passes(gm, context_from_inputs(gm, inputs))
+    experts = next(r for r in records if r.name == "specialize_experts")
+    assert set(experts.report) == {1, 3} and not experts.refused
+    assert any(isinstance(n.meta.get("example_value"), torch.SymInt) for n in gm.graph.nodes)
+    _close(gm, reference, [int(i.node.hint) if isinstance(i, torch.SymInt) else i for i in inputs])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import operator
 import re
 from collections import Counter
@@ -122,3 +125,10 @@ def with_layer_index(path: str, layer: int) -> str:
         return path
     m = matches[-1]
     return path[: m.start(1)] + str(layer) + path[m.end(1) :]
+
+
+@functools.cache
+def wrapped_meta(module) -> dict:
+    """node.meta that lets AOTAutograd's cache take a node calling a Python function of `module`
+    (a pass's forms): torch's hook for `fx.wrap` functions, the module's source hash in the key."""
+    return {"is_wrapped": True, "user_cache_hash": hashlib.sha256(inspect.getsource(module).encode()).hexdigest()}

@@ -105,7 +105,8 @@ def _open_first_layer(gm: fx.GraphModule, by_layer, cut, groups) -> None:
     first = min(cut, default=None)
     if first is None or layer_of(by_layer[first][0]) != first:
         return  # no region, or the first one already opens with a carried add
-    if len(groups[_signature(cut[first][3], cut[first][1])]) > 1:
+    alone = _signature(cut[first][3], cut[first][1])
+    if len(groups[alone]) > 1:
         return
     # A later region opens with an add carried from the layer before it (`_carry_residual_adds`).
     carried = [by_layer[k][0] for k in cut if k != first and layer_of(by_layer[k][0]) != k]
@@ -129,7 +130,7 @@ def _open_first_layer(gm: fx.GraphModule, by_layer, cut, groups) -> None:
         sub = _subgraph(trial, *region)
         key = _signature(sub, region[0])
         if key in groups:
-            del groups[_signature(cut[first][3], cut[first][1])]  # it held the first layer alone
+            del groups[alone]
             groups[key].insert(0, first)
             cut[first] = (trial, *region, sub)
             by_layer[first] = trial

@@ -33,9 +33,6 @@ form is another key.
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import inspect
 import operator
 from dataclasses import dataclass
 
@@ -46,7 +43,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from hetgraph import attention_forms
 from hetgraph.attention import MASK_META
 from hetgraph.attention_forms import band_size, banded_attention, chunked_attention, grouped_decode_attention
-from hetgraph.passes._graph import ADD, SDPA, aten, finish, is_op, is_view, layer_of, value
+from hetgraph.passes._graph import ADD, SDPA, aten, finish, is_op, is_view, layer_of, value, wrapped_meta
 from hetgraph.passes._types import DYNAMO, EXPORT, PassContext, PassResult, applies_to
 
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
@@ -306,7 +303,7 @@ def _rewrite(gm: fx.GraphModule, site: Site, fn, kwargs: dict) -> None:
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(fn, args, kwargs)
     new.meta.update(node.meta)
-    new.meta.update(is_wrapped=True, user_cache_hash=_forms_hash())  # cacheable by AOTAutograd
+    new.meta.update(wrapped_meta(attention_forms))  # cacheable by AOTAutograd
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
 
@@ -354,11 +351,6 @@ def _pack_queries(gm: fx.GraphModule, site: Site, keys: fx.Node, values: fx.Node
         back = call(aten.unsqueeze.default, (flat, 2), out)
     node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not flat)
     node.meta[key] = out_packed
-
-
-@functools.cache
-def _forms_hash() -> str:
-    return hashlib.sha256(inspect.getsource(attention_forms).encode()).hexdigest()
 
 
 def _sites(gm: fx.GraphModule):

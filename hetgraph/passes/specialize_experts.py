@@ -20,24 +20,22 @@ differs anywhere is left dense and the layer says why. Not for graphs that will 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import inspect
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from hetgraph import expert_forms
-from hetgraph.passes._graph import finish, layer_of, value
+from hetgraph.passes._graph import finish, layer_of, value, wrapped_meta
 from hetgraph.passes._types import DYNAMO, PassContext, PassResult, applies_to
 
 GRAD_REFUSAL = "gradients are needed: the dense experts are kept (the routed form is for inference)"
-_MUL = {operator.mul, torch.mul}
-_SIGMOID = {torch.sigmoid, torch.nn.functional.sigmoid}
-_CASTS = {"float", "to", "type_as"}
 F = torch.nn.functional
+_MUL = {operator.mul, torch.mul}
+_SIGMOID = {torch.sigmoid, F.sigmoid}
+_CASTS = {"float", "to", "type_as"}
 # Activations that act on each element alone (so on rows in any layout): ACT2FN's, as dynamo records them.
 _ELEMENTWISE = {F.silu, F.gelu, F.relu, F.mish, F.elu, F.leaky_relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh}
 
@@ -66,14 +64,20 @@ def _uncast(node):
     return node
 
 
+@dataclass
 class _Site:
     """One dense MoE block, proven: the nodes the rewrite reads and replaces."""
 
-    def __init__(self, total, x, indices, scores, first_mm, second_mm, rows_view, between, experts, k):
-        self.total, self.x, self.indices, self.scores = total, x, indices, scores
-        self.first_mm, self.second_mm, self.rows_view = first_mm, second_mm, rows_view
-        self.between = between  # (chunk, gate, up, act, h): row-wise, between the two matmuls
-        self.experts, self.k = experts, k
+    total: fx.Node
+    x: fx.Node
+    indices: fx.Node
+    scores: fx.Node
+    first_mm: fx.Node
+    second_mm: fx.Node
+    rows_view: fx.Node
+    between: tuple  # (chunk, gate, up, act, h): row-wise, between the two matmuls
+    experts: int
+    k: int
 
 
 def _dense_sum(node: fx.Node):
@@ -183,48 +187,38 @@ def specialize_experts(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 def _rewrite(gm: fx.GraphModule, site: _Site) -> None:
     graph, key = gm.graph, "example_value" if "example_value" in site.total.meta else "val"
-    x = value(site.x)
+    x, gate_up, down = value(site.x), value(site.first_mm.args[1]), value(site.second_mm.args[1])
+    matmul = expert_forms.expert_matmul(x, gate_up)
+    wrapped = wrapped_meta(expert_forms) if matmul is not torch._grouped_mm else {}
+    chunk, gate, up, act, h = site.between
+    # The new values, and those of the row-wise ops now over [T*k, ...] rows (later passes read shapes).
     with getattr(x, "fake_mode", None) or contextlib.nullcontext():
         rows, token, offsets = expert_forms.routed_rows(x, value(site.indices), value(site.scores), site.experts)
-        matmul = expert_forms.expert_matmul(rows, value(site.first_mm.args[1]))
-        first = matmul(rows, value(site.first_mm.args[1]), offs=offsets)
-        second = value(site.second_mm.args[0]).new_empty((rows.shape[0], value(site.second_mm.args[1]).shape[2]))
+        first = matmul(rows, gate_up, offs=offsets)
+        halves = first.chunk(2, dim=-1)
+        inner = halves[0].new_empty(halves[0].shape)
+        second = rows.new_empty((rows.shape[0], down.shape[2]))
         added = expert_forms.add_rows(x, token, second)
+    out = next(iter(site.second_mm.users))
+    for node, v in ((site.first_mm, first), (chunk, halves), (gate, halves[0]), (up, halves[1]), (act, inner),
+                    (h, inner), (site.second_mm, second), (out, second)):
+        node.meta[key] = v
 
-    def call(target, args, v, like, kwargs=None, wrapped=False):
-        new = graph.call_function(target, args, kwargs or {})
+    def call(target, args, v, like, meta=()):
+        new = graph.call_function(target, args)
         new.meta.update(like.meta)
+        new.meta.update(meta)
         new.meta[key] = v
-        if wrapped:
-            new.meta.update(is_wrapped=True, user_cache_hash=_forms_hash())  # cacheable by AOTAutograd
         return new
 
     with graph.inserting_before(site.rows_view):
         routed = call(expert_forms.routed_rows, (site.x, site.indices, site.scores, site.experts),
-                      (rows, token, offsets), site.rows_view, wrapped=True)
-        parts = [call(operator.getitem, (routed, k), v, site.rows_view) for k, v in enumerate((rows, token, offsets))]
-    wrapped = {"is_wrapped": True, "user_cache_hash": _forms_hash()} if matmul is not torch._grouped_mm else {}
-    site.first_mm.target, site.first_mm.args = matmul, (parts[0], site.first_mm.args[1])
-    site.first_mm.kwargs = {"offs": parts[2]}
-    site.first_mm.meta.update(wrapped)
-    site.first_mm.meta[key] = first
-    chunk, gate, up, act, h = site.between
-    with getattr(x, "fake_mode", None) or contextlib.nullcontext():
-        halves = first.chunk(2, dim=-1)
-        # Row-wise ops, now over [T*k, ...] rows: their recorded values follow (later passes read shapes).
-        for node, v in ((chunk, halves), (gate, halves[0]), (up, halves[1]), (act, halves[0].new_empty(halves[0].shape)),
-                        (h, halves[0].new_empty(halves[0].shape))):
-            node.meta[key] = v
-    site.second_mm.target, site.second_mm.kwargs = matmul, {"offs": parts[2]}
-    site.second_mm.meta.update(wrapped)
-    site.second_mm.meta[key] = second
-    out = next(iter(site.second_mm.users))
-    out.meta[key] = second
+                      (rows, token, offsets), site.rows_view, wrapped_meta(expert_forms))
+        rows_n, token_n, offsets_n = (call(operator.getitem, (routed, k), v, site.rows_view)
+                                      for k, v in enumerate((rows, token, offsets)))
+    for mm, lhs in ((site.first_mm, rows_n), (site.second_mm, site.second_mm.args[0])):
+        mm.target, mm.args, mm.kwargs = matmul, (lhs, mm.args[1]), {"offs": offsets_n}
+        mm.meta.update(wrapped)  # cacheable by AOTAutograd
     with graph.inserting_after(site.total):
-        new = call(expert_forms.add_rows, (site.x, parts[1], out), added, site.total, wrapped=True)
+        new = call(expert_forms.add_rows, (site.x, token_n, out), added, site.total, wrapped_meta(expert_forms))
     site.total.replace_all_uses_with(new)
-
-
-@functools.cache
-def _forms_hash() -> str:
-    return hashlib.sha256(inspect.getsource(expert_forms).encode()).hexdigest()

@@ -85,7 +85,12 @@ class ModelTimer:
             if clock is not None:
                 clock.hook_layers(getattr(model, spec.adapter.base_model_attr).layers)
         else:
-            fwd = torch.compile(model.forward, backend=backend if clock is None else clock.backend(backend))
+            # Static shapes: dynamo's automatic-dynamic state is kept per code object, which every model
+            # of a family shares, so a model compiled after another of other shapes (the probe's decode
+            # after its prefill) would get a graph of symbolic lengths; each model is timed as compiled
+            # for the shapes timed.
+            fwd = torch.compile(model.forward, backend=backend if clock is None else clock.backend(backend),
+                                dynamic=False)
         vocab = config["vocab_size"]
         run = _Run(
             spec,

@@ -20,7 +20,7 @@ import hetgraph
 from hetgraph.cli import main as cli_main
 from hetgraph.configs import model_config_dict, normalize_config, select_layers
 from hetgraph.contract import model_spec
-from hetgraph.timing import LayerClock
+from hetgraph.timing import LayerClock, ModelTimer
 from support.models import LLAMA4_TEXT, NEMOTRON_H, hetero_config, homogeneous_config
 
 FAST = dict(prompt_len=8, context_len=8, repeats=1, backend="none")
@@ -162,3 +162,20 @@ def test_the_layer_clock_cuts_the_compiled_graph_at_each_layer_and_keeps_the_log
     # A piece per layer, each timed (unspecialized, even layer 4, whose blocks are removed, still
     # adds its zeros to the residual).
     assert len(times) == len(model_spec(model)) and all(t > 0 for t in times)
+
+
+def test_the_timer_compiles_each_model_for_the_shapes_it_times():
+    """dynamo keeps its automatic-dynamic state per code object, which every model of a family
+    shares: a model compiled after another's prefill and decode got a prefill graph of symbolic
+    length (slower than the probe's, and on Llama4 a dynamo KeyError), so the timer compiles static."""
+    symbolic = []
+
+    def record(gm, example_inputs):
+        sizes = [s for x in example_inputs if isinstance(x, torch.Tensor) for s in x.shape]
+        symbolic.append(any(isinstance(v, torch.SymInt) for v in [*example_inputs, *sizes]))
+        return gm.forward
+
+    timer = ModelTimer(dict(prompt_len=8, context_len=8, batch_size=1), record, 1, torch.float32, "cpu")
+    config = hetero_config("llama")
+    timer.time_layers(config, config)
+    assert len(symbolic) > 4 and not any(symbolic)  # the probe's pieces, then the whole model's two graphs

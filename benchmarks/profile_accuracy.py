@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="drop-attn,width-pruned")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--context-len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -54,7 +54,7 @@ from hetgraph.spec import FULL, LINEAR
 INLINES_REGIONS = "hetgraph_inlines_regions"  # attribute of a backend that calls `inline_regions`
 INVOKE = torch.ops.higher_order.invoke_subgraph
 # What the stock decoder layers are called with (all seven families), besides the hidden states.
-_KNOWN_KWARGS = ("attention_mask", "position_ids", "cache", "use_cache", "position_embeddings")
+_KNOWN_KWARGS = ("attention_mask", "position_ids", "cache", "use_cache", "position_embeddings", "output_router_logits")
 
 
 def install(layers, spec) -> None:
@@ -66,6 +66,10 @@ def install(layers, spec) -> None:
         layer.forward = types.MethodType(_forward, layer)
         layer.hetgraph_layer_index = s.index
         layer.hetgraph_region = s.mamba != FULL and (s.attention in (FULL, LINEAR) or s.mlp in (FULL, LINEAR))
+        routed = [m for m in layer.modules() if "_kernel_funcs" in m.__dict__ and hasattr(type(m).forward, "__wrapped__")]
+        for module in routed:
+            module.forward = types.MethodType(_forward_without_kernel_routing, module)
+        layer.hetgraph_kernel_routed = routed
 
 
 def disable(layers) -> None:
@@ -81,6 +85,8 @@ def _forward(self, hidden_states, *args, **kwargs):
     if torch.compiler.is_exporting() or torch.is_grad_enabled() or not _backend_inlines_regions():
         return stock(self, hidden_states, *args, **kwargs)
     if any(v is not None for k, v in kwargs.items() if k not in _KNOWN_KWARGS):
+        return stock(self, hidden_states, *args, **kwargs)
+    if kwargs.get("output_router_logits"):  # GptOss passes it down; recording router logits is a side effect
         return stock(self, hidden_states, *args, **kwargs)
     rope = kwargs.get("position_embeddings")
     if not (rope is None or isinstance(rope, torch.Tensor) or (isinstance(rope, tuple) and len(rope) == 2)):
@@ -101,21 +107,46 @@ def _forward(self, hidden_states, *args, **kwargs):
     # flatten, which cost about as much as tracing the layer (0.15 s a call).
     given = ",".join(k for k in _KNOWN_KWARGS if k in kwargs and (k != "cache" or layer is not None))
     form = "pair" if isinstance(rope, tuple) else "one"
+    # A constant of the call, so that a layer with a kernel chosen by `kernels.kernelize` is not
+    # stamped out from a trace of a layer without (dynamo's reuse checks miss that difference).
+    form += "" if all(_stock_kernel(f) for m in self.hetgraph_kernel_routed for f in m._kernel_funcs.values()) else ",kernels"
     rope_a, rope_b = rope if isinstance(rope, tuple) else (rope, None)
     out = _REGION(self, hidden_states, given, form, kwargs.get("attention_mask"), kwargs.get("position_ids"),
-                  kwargs.get("use_cache"), rope_a, rope_b, *state)  # fmt: skip
+                  kwargs.get("use_cache"), kwargs.get("output_router_logits"), rope_a, rope_b, *state)  # fmt: skip
     if state[3] is not None:  # the layer's keys: it was updated
         layer.holds_tokens = True  # what the layer's own `update` does (outside the region: Python state)
     return out
 
 
-def _call_stock_forward(layer, hidden_states, given, form, attention_mask, position_ids, use_cache, rope_a, rope_b,
-                        *state):  # fmt: skip
+def _forward_without_kernel_routing(self, *args, **kwargs):
+    """A `kernels.use_kernelized_func` module's forward (transformers 5.25 decorates the stock
+    attention classes with it), without the routing while compiling when nothing is kernelized.
+
+    The decorator's forward sets and resets a global (`_ACTIVE_KERNEL_FUNCS`) around the stock
+    forward, so that the functions it names (`apply_rotary_pos_emb`) may run a hub kernel chosen by
+    `kernels.kernelize`. dynamo records those writes as the region's side effects and refuses to
+    reuse its trace: every layer was traced again. Compiling, with no kernel chosen (no `forward`
+    bound on the module's kernel functions), the routing ends in the stock function anyway."""
+    routed = type(self).forward
+    if torch.compiler.is_compiling() and all(_stock_kernel(f) for f in self._kernel_funcs.values()):
+        return routed.__wrapped__(self, *args, **kwargs)
+    return routed(self, *args, **kwargs)
+
+
+def _stock_kernel(f) -> bool:
+    """Whether a kernel function's forward is its class's own (`kernelize` binds another on it);
+    read the way the decorator itself reads it while compiling."""
+    return f.forward.__func__ is type(f).forward
+
+
+def _call_stock_forward(layer, hidden_states, given, form, attention_mask, position_ids, use_cache, router_logits,
+                        rope_a, rope_b, *state):  # fmt: skip
     values = {
         "attention_mask": attention_mask,
         "position_ids": position_ids,
         "use_cache": use_cache,
-        "position_embeddings": (rope_a, rope_b) if form == "pair" else rope_a,
+        "output_router_logits": router_logits,
+        "position_embeddings": (rope_a, rope_b) if form.startswith("pair") else rope_a,
         "cache": None if state[3] is None else _LayerCacheView(*state),  # state[3]: the keys
     }
     return type(layer).forward(layer, hidden_states, **{k: values[k] for k in given.split(",") if k})

@@ -4,7 +4,11 @@ backends and gradients untouched, exact logits and greedy decode."""
 
 from __future__ import annotations
 
+import types
+
+import pytest
 import torch
+from torch._dynamo.utils import compilation_time_metrics
 
 import hetgraph
 from hetgraph.backend import HetgraphBackend
@@ -13,7 +17,7 @@ from hetgraph.regions import INVOKE, inline_regions
 from references.llama import load_reference
 from support.checks import prompts
 from support.graphs import count_ops
-from support.models import GREEDY, VOCAB, homogeneous_config
+from support.models import GREEDY, VOCAB, hetero_config, homogeneous_config
 
 PATTERN = [{}, {"skip": ["attention"], "intermediate_size": 96}, {"intermediate_size": 160, "sliding_window": 4}]
 
@@ -23,10 +27,24 @@ def _config(layers: int = 6, **overrides) -> dict:
     return homogeneous_config(num_hidden_layers=layers, per_layer_config=per_layer, **overrides)
 
 
-def _traced(gm) -> tuple[int, int]:
-    """(distinct traced regions, region calls) of a dynamo graph, before any inlining."""
-    calls = list(gm.graph.find_nodes(op="call_function", target=INVOKE))
-    return len({c.args[1] for c in calls}), len(calls)
+def _trace_count() -> int:
+    """Regions dynamo traced so far in this process, by its own timer of a region's trace (not a
+    graph's distinct bodies: dynamo installs a traced body equal to an earlier one under the
+    earlier's name, so a layer traced again instead of reused leaves no extra body behind)."""
+    return len(compilation_time_metrics.get("invoke_subgraph_trace", []))
+
+
+class _Traces:
+    """Records (regions traced for the graph, region calls in it) per graph, before any inlining."""
+
+    def __init__(self):
+        self.traced: list[tuple[int, int]] = []
+        self._seen = _trace_count()
+
+    def record(self, gm) -> None:
+        now = _trace_count()
+        self.traced.append((now - self._seen, len(list(gm.graph.find_nodes(op="call_function", target=INVOKE)))))
+        self._seen = now
 
 
 class RecordingHetgraph(HetgraphBackend):
@@ -34,10 +52,11 @@ class RecordingHetgraph(HetgraphBackend):
 
     def __init__(self):
         super().__init__()
-        self.traced: list[tuple[int, int]] = []
+        self.traces = _Traces()
+        self.traced = self.traces.traced
 
     def specialize(self, gm, example_inputs):
-        self.traced.append(_traced(gm))
+        self.traces.record(gm)
         return super().specialize(gm, example_inputs)
 
 
@@ -47,10 +66,11 @@ class InlineOnly:
     hetgraph_inlines_regions = True
 
     def __init__(self):
-        self.traced: list[tuple[int, int]] = []
+        self.traces = _Traces()
+        self.traced = self.traces.traced
 
     def __call__(self, gm, example_inputs):
-        self.traced.append(_traced(gm))
+        self.traces.record(gm)
         inline_regions(gm)
         return gm.forward
 
@@ -118,10 +138,10 @@ def test_other_backends_and_gradients_trace_plain_layers():
     torch.manual_seed(0)
     model = hetgraph.from_config(_config(6))
     ids, mask = _ids()
-    graphs = []
+    traces = _Traces()
 
     def plain(gm, example_inputs):
-        graphs.append(_traced(gm))
+        traces.record(gm)
         return gm.forward
 
     with torch.no_grad():
@@ -131,4 +151,39 @@ def test_other_backends_and_gradients_trace_plain_layers():
     backend = InlineOnly()
     loss = torch.compile(model, backend=backend, fullgraph=True)(ids, attention_mask=mask, use_cache=False).logits.sum()
     loss.backward()  # training: the layers are traced as plain modules
-    assert graphs == [(0, 0)] and backend.traced == [(0, 0)]
+    assert traces.traced == [(0, 0)] and backend.traced == [(0, 0)]
+
+
+def test_a_kernel_chosen_with_kernels_is_still_used_when_compiled():
+    """transformers decorates the stock attention with `kernels.use_kernelized_func`; hetgraph's
+    layers skip its routing while compiling only when no kernel was chosen (`regions.py`)."""
+    torch.manual_seed(0)
+    model = hetgraph.from_config(homogeneous_config(num_hidden_layers=2))
+    attention = model.model.layers[1].self_attn
+    if "_kernel_funcs" not in attention.__dict__:
+        pytest.skip("this transformers does not route the attention's functions through `kernels`")
+    ids, mask = _ids()
+    with torch.no_grad():
+        stock = model(ids, attention_mask=mask, use_cache=False).logits
+        (kernel,) = attention._kernel_funcs.values()
+        # What `kernels.kernelize` sets on the layer's own kernel function: here, no rotation at all.
+        kernel.forward = types.MethodType(lambda self, q, k, cos, sin, unsqueeze_dim=1: (q, k), kernel)
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+        backend = InlineOnly()
+        got = torch.compile(model, backend=backend, fullgraph=True)(ids, attention_mask=mask, use_cache=False).logits
+    assert not torch.allclose(want, stock, atol=1e-3)  # the chosen kernel changes the logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_gpt_oss_layers_take_the_region_and_reuse_its_trace():
+    """GptOss passes `output_router_logits` down to its layers; false, it is a constant of the region."""
+    torch.manual_seed(0)
+    model = hetgraph.from_config(hetero_config("gpt_oss", per_layer_config={}))
+    ids, mask = _ids()
+    backend = InlineOnly()
+    with torch.no_grad(), torch._dynamo.config.patch(inline_single_use_invoke_subgraph=False):
+        got = torch.compile(model, backend=backend, fullgraph=True)(ids, attention_mask=mask, use_cache=False).logits
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # One trace for the four layers: without a cache, a sliding layer's window is all in its mask.
+    assert backend.traced == [(1, 4)]

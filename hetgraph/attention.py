@@ -2,13 +2,14 @@
 
 The stock forwards build one mask per layer *type* from the global config, and one RoPE table from
 the global head_dim, so they cannot serve layers with different windows, chunks or head dims.
-hetgraph leaves their code alone and uses two PyTorch forward pre-hooks (public `nn.Module` API):
+hetgraph leaves their code alone and uses a PyTorch forward pre-hook (public `nn.Module` API) and
+the layers' own forwards:
 
 * `ModelInputsHook`, on the decoder stack: computes, once per forward, one mask per distinct
   window (from explicit query and key positions, sized by the cache layer of a representative
   layer that really holds attention) and one (cos, sin) pair per extra head_dim, and passes them
   down as keyword arguments that the stock forward forwards to every decoder layer.
-* `LayerInputsHook`, on each decoder layer: hands the layer its own mask and RoPE table.
+* `LayerInputs`, run by each decoder layer's forward: hands the layer its own mask and RoPE table.
 
 Masks are in cache-position space: query i sits at position `past + i`; the cache layer says
 where its keys sit (`key_positions` of hetgraph's layers, `get_mask_sizes` of transformers').
@@ -262,24 +263,36 @@ def _padding_4d(padding: torch.Tensor) -> torch.Tensor:
     return padding[:, None, None, :]
 
 
-class LayerInputsHook:
-    """Forward pre-hook of one decoder layer: its own mask and, if its head_dim differs, its RoPE."""
+class LayerInputs:
+    """One decoder layer's own mask and, if its head_dim differs, its RoPE, picked from what
+    `ModelInputsHook` passed down. Run by the layer's forward (`regions.install`), not as a hook:
+    dynamo interprets a module's hook machinery at every layer call, which cost a quarter of the
+    tracing of a deep model."""
 
     def __init__(self, window: tuple | None, head_dim: int | None):
         self.window = window
         self.head_dim = head_dim
 
-    def __call__(self, module, args, kwargs):
+    def pick(self, kwargs: dict, device) -> None:
+        """In place: the layer's own mask and RoPE into `kwargs`, on `device` (the layer's inputs'),
+        the per-window and per-head-dim dicts out of it. Called without them (the layer called
+        directly, outside a hetgraph model's forward): stock behaviour."""
         masks = kwargs.pop(MASKS_KWARG, None)
         rope = kwargs.pop(ROPE_KWARG, None)
         if masks is None:
-            return None  # called directly, outside a hetgraph model forward: stock behaviour
-        kwargs = dict(kwargs)
+            return
         if self.window is not None:
-            kwargs["attention_mask"] = masks[self.window]
+            kwargs["attention_mask"] = _on(masks[self.window], device)
         if rope and self.head_dim in rope:
-            kwargs["position_embeddings"] = rope[self.head_dim]
-        return args, kwargs
+            table = rope[self.head_dim]  # (cos, sin), or one tensor (Llama4's complex frequencies)
+            on = tuple(_on(t, device) for t in table) if isinstance(table, tuple) else _on(table, device)
+            kwargs["position_embeddings"] = on
+
+
+def _on(t, device):
+    """`t` on `device`: the model's masks and RoPE are built where its input is, a layer may sit on
+    another device (`placement.dispatch`, whose hooks leave the per-layer dicts to this)."""
+    return t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t
 
 
 def install_generate_hooks(model, spec) -> None:

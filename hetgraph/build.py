@@ -145,8 +145,8 @@ def _config_for_kept_blocks(adapter: FamilyAdapter, lc, s):
 
 
 def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementation: str) -> None:
-    """Hooks that feed per-window masks and per-head-dim RoPE through the stock forward, and the
-    layers' region forwards (`hetgraph.regions`)."""
+    """The hook that feeds per-window masks and per-head-dim RoPE through the stock forward, and the
+    layers' forwards that pick their own and call their variant's region (`hetgraph.regions`)."""
     base = getattr(model, spec.adapter.base_model_attr)
     global_head_dim = _global_head_dim(model.config)
     extra_dims = sorted({s.head_dim for s in spec if s.uses_rope and s.head_dim != global_head_dim})
@@ -156,10 +156,9 @@ def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementatio
             {str(d): rotary_cls(_config_with_head_dim(model.config, d)) for d in extra_dims}
         )
     base.register_forward_pre_hook(attention.ModelInputsHook(spec, base, attn_implementation), with_kwargs=True)
-    for s, layer in zip(spec, base.layers):
-        mask_key = s.window if s.has_attention else attention.RECURRENT if s.has_mamba else None
-        layer.register_forward_pre_hook(attention.LayerInputsHook(mask_key, s.head_dim), with_kwargs=True)
-    regions.install(base.layers, spec)  # dynamo traces each layer variant once (for hetgraph's backends)
+    keys = [s.window if s.has_attention else attention.RECURRENT if s.has_mamba else None for s in spec]
+    # Each layer's forward picks its inputs, and dynamo traces each layer variant once (for hetgraph's backends).
+    regions.install(base.layers, spec, [attention.LayerInputs(k, s.head_dim) for k, s in zip(keys, spec)])
     attention.install_generate_hooks(model, spec)
     model.save_pretrained = types.MethodType(save_pretrained, model)
     attach(model, spec)

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch.utils._pytree import tree_map
 
+from hetgraph import attention
 from hetgraph.partition import split_layers
 
 AUTO = ("auto", "balanced")
@@ -122,7 +123,11 @@ def _to_device(device: torch.device):
         return t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t
 
     def hook(module, args, kwargs):
-        return tree_map(move, args), tree_map(move, kwargs)
+        # A layer picks its own mask and RoPE from the model's per-window dicts and moves only those
+        # (`attention.LayerInputs`): moving the dicts here would copy every window's mask.
+        kept = {k: kwargs[k] for k in (attention.MASKS_KWARG, attention.ROPE_KWARG) if k in kwargs}
+        moved = tree_map(move, {k: v for k, v in kwargs.items() if k not in kept})
+        return tree_map(move, args), {**moved, **kept}
 
     return hook
 

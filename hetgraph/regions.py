@@ -40,6 +40,7 @@ error); hence `types.MethodType`.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import types
 
@@ -49,7 +50,7 @@ from transformers.cache_utils import DummyLayer
 
 from hetgraph.cache import HeteroCache, StaticFullLayer, StaticWindowLayer
 from hetgraph.passes._graph import layer_index_from_path, with_layer_index
-from hetgraph.spec import FULL, LINEAR
+from hetgraph.spec import FULL, LINEAR, LayerSpec
 
 INLINES_REGIONS = "hetgraph_inlines_regions"  # attribute of a backend that calls `inline_regions`
 INVOKE = torch.ops.higher_order.invoke_subgraph
@@ -57,15 +58,18 @@ INVOKE = torch.ops.higher_order.invoke_subgraph
 _KNOWN_KWARGS = ("attention_mask", "position_ids", "cache", "use_cache", "position_embeddings", "output_router_logits")
 
 
-def install(layers, spec) -> None:
-    """Give each decoder layer the forward that calls the region while dynamo traces.
+def install(layers, spec, inputs) -> None:
+    """Give each decoder layer the forward that picks its own inputs and, while dynamo traces, calls
+    the region of its variant; `inputs[i]` picks layer i's mask and RoPE (`attention.LayerInputs`).
 
     Not mamba blocks (their cache is not a key/value pair) nor layers whose blocks are all removed: a
     region must not return its input (dynamo refuses input-output aliasing in a higher-order op)."""
-    for s, layer in zip(spec, layers):
+    for s, layer, picker in zip(spec, layers, inputs):
         layer.forward = types.MethodType(_forward, layer)
+        layer.hetgraph_inputs = picker
         layer.hetgraph_layer_index = s.index
         layer.hetgraph_region = s.mamba != FULL and (s.attention in (FULL, LINEAR) or s.mlp in (FULL, LINEAR))
+        layer.hetgraph_region_call = _region_of(s)
         routed = [m for m in layer.modules() if "_kernel_funcs" in m.__dict__ and hasattr(type(m).forward, "__wrapped__")]
         for module in routed:
             module.forward = types.MethodType(_forward_without_kernel_routing, module)
@@ -79,13 +83,17 @@ def disable(layers) -> None:
 
 
 def _forward(self, hidden_states, *args, **kwargs):
+    # Written for dynamo, which interprets it at every layer call: plain loops, no generators (each
+    # step here costs tracing time per layer, not per variant).
+    self.hetgraph_inputs.pick(kwargs, hidden_states.device)
     stock = type(self).forward
-    if args or not getattr(self, "hetgraph_region", False) or not torch.compiler.is_compiling():
+    if args or not self.hetgraph_region or not torch.compiler.is_compiling():
         return stock(self, hidden_states, *args, **kwargs)
     if torch.compiler.is_exporting() or torch.is_grad_enabled() or not _backend_inlines_regions():
         return stock(self, hidden_states, *args, **kwargs)
-    if any(v is not None for k, v in kwargs.items() if k not in _KNOWN_KWARGS):
-        return stock(self, hidden_states, *args, **kwargs)
+    for k, v in kwargs.items():
+        if v is not None and k not in _KNOWN_KWARGS:
+            return stock(self, hidden_states, *args, **kwargs)
     if kwargs.get("output_router_logits"):  # GptOss passes it down; recording router logits is a side effect
         return stock(self, hidden_states, *args, **kwargs)
     rope = kwargs.get("position_embeddings")
@@ -105,14 +113,17 @@ def _forward(self, hidden_states, *args, **kwargs):
             return stock(self, hidden_states, *args, **kwargs)
     # Flat arguments (the module, tensors, constants): dynamo then fingerprints them without a pytree
     # flatten, which cost about as much as tracing the layer (0.15 s a call).
-    given = ",".join(k for k in _KNOWN_KWARGS if k in kwargs and (k != "cache" or layer is not None))
+    given = ",".join([k for k in _KNOWN_KWARGS if k in kwargs and (k != "cache" or layer is not None)])
     form = "pair" if isinstance(rope, tuple) else "one"
     # A constant of the call, so that a layer with a kernel chosen by `kernels.kernelize` is not
     # stamped out from a trace of a layer without (dynamo's reuse checks miss that difference).
-    form += "" if all(_stock_kernel(f) for m in self.hetgraph_kernel_routed for f in m._kernel_funcs.values()) else ",kernels"
+    if _kernel_chosen(self.hetgraph_kernel_routed):
+        form += ",kernels"
     rope_a, rope_b = rope if isinstance(rope, tuple) else (rope, None)
-    out = _REGION(self, hidden_states, given, form, kwargs.get("attention_mask"), kwargs.get("position_ids"),
-                  kwargs.get("use_cache"), kwargs.get("output_router_logits"), rope_a, rope_b, *state)  # fmt: skip
+    out = self.hetgraph_region_call(
+        self, hidden_states, given, form, kwargs.get("attention_mask"), kwargs.get("position_ids"),
+        kwargs.get("use_cache"), kwargs.get("output_router_logits"), rope_a, rope_b, *state,
+    )  # fmt: skip
     if state[3] is not None:  # the layer's keys: it was updated
         layer.holds_tokens = True  # what the layer's own `update` does (outside the region: Python state)
     return out
@@ -128,15 +139,19 @@ def _forward_without_kernel_routing(self, *args, **kwargs):
     reuse its trace: every layer was traced again. Compiling, with no kernel chosen (no `forward`
     bound on the module's kernel functions), the routing ends in the stock function anyway."""
     routed = type(self).forward
-    if torch.compiler.is_compiling() and all(_stock_kernel(f) for f in self._kernel_funcs.values()):
+    if torch.compiler.is_compiling() and not _kernel_chosen((self,)):
         return routed.__wrapped__(self, *args, **kwargs)
     return routed(self, *args, **kwargs)
 
 
-def _stock_kernel(f) -> bool:
-    """Whether a kernel function's forward is its class's own (`kernelize` binds another on it);
-    read the way the decorator itself reads it while compiling."""
-    return f.forward.__func__ is type(f).forward
+def _kernel_chosen(routed_modules) -> bool:
+    """Whether any kernel function of these modules has a forward other than its class's own
+    (`kernelize` binds another on it); read the way the decorator itself reads it while compiling."""
+    for module in routed_modules:
+        for f in module._kernel_funcs.values():
+            if f.forward.__func__ is not type(f).forward:
+                return True
+    return False
 
 
 def _call_stock_forward(layer, hidden_states, given, form, attention_mask, position_ids, use_cache, router_logits,
@@ -152,10 +167,26 @@ def _call_stock_forward(layer, hidden_states, given, form, attention_mask, posit
     return type(layer).forward(layer, hidden_states, **{k: values[k] for k in given.split(",") if k})
 
 
-# One region for every layer: dynamo keeps one reuse entry per distinct trace (a variant, in prefill
-# or decode, with or without a cache) and raises past `max_reuse_entries`; a model has at most one
-# per layer.
-_REGION = torch.compiler.nested_compile_region(_call_stock_forward, max_reuse_entries=1 << 16)
+# One region function per layer variant, each its own code object: dynamo keeps its reuse entries per
+# code object and checks a call against them in turn, and an entry of another variant fails only in
+# its guards, after the costliest part of the check (the sources of everything the trace read,
+# rebuilt for the new layer). The window is left out of the key: it reaches the traced code only
+# through the mask and the cache layer, which are region inputs compared before anything else (so
+# sliding and full layers without a cache share a trace). Which calls reuse a trace is still decided
+# by dynamo's checks: the key only sorts the entries. Each function keeps one entry per distinct
+# trace (prefill or decode, with or without a cache, a layer traced again) and raises past
+# `max_reuse_entries`.
+_REGIONS: dict[tuple, object] = {}
+
+
+def _region_of(spec: LayerSpec):
+    key = dataclasses.replace(spec, sliding_window=None, attention_chunk_size=None).variant_key
+    if key not in _REGIONS:
+        name = f"_layer_variant_{len(_REGIONS)}"
+        code = _call_stock_forward.__code__.replace(co_name=name, co_qualname=name)
+        fn = types.FunctionType(code, _call_stock_forward.__globals__, name)
+        _REGIONS[key] = torch.compiler.nested_compile_region(fn, max_reuse_entries=1 << 16)
+    return _REGIONS[key]
 
 
 class _LayerCacheView:

@@ -4,7 +4,7 @@ The model is the family's own `*ForCausalLM`, built from a homogeneous parent co
 device; then decoder layer i is rebuilt from `config.per_layer_config[i]` with the family's own
 decoder-layer class, and each removed block (with its norm) is replaced by a parameter-free marker
 module. transformers' classes are never modified; per-window masks and per-head-dim RoPE are fed
-in through forward pre-hooks (see `hetgraph.attention`).
+in through a forward pre-hook and the layers' instance forwards (see `hetgraph.attention`).
 """
 
 from __future__ import annotations

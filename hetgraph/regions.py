@@ -70,7 +70,7 @@ def install(layers, spec, inputs) -> None:
         layer.hetgraph_layer_index = s.index
         layer.hetgraph_region = s.mamba != FULL and (s.attention in (FULL, LINEAR) or s.mlp in (FULL, LINEAR))
         layer.hetgraph_region_call = _region_of(s)
-        routed = [m for m in layer.modules() if "_kernel_funcs" in m.__dict__ and hasattr(type(m).forward, "__wrapped__")]
+        routed = [m for m in layer.modules() if "_kernel_funcs" in vars(m) and hasattr(type(m).forward, "__wrapped__")]
         for module in routed:
             module.forward = types.MethodType(_forward_without_kernel_routing, module)
         layer.hetgraph_kernel_routed = routed

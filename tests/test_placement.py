@@ -115,3 +115,20 @@ def test_a_mapped_model_computes_what_the_plain_one_does(ckpt, model, device_map
     assert torch.equal(out, model.generate(ids[:1], max_new_tokens=4, **GREEDY))
     held = [layer.keys.device for layer in cache.layers if getattr(layer, "keys", None) is not None]
     assert held and all(d == torch.device("cpu") for d in held)
+
+
+def test_a_layer_on_another_device_moves_only_its_own_mask():
+    """`dispatch`'s input hooks leave the model's per-window masks alone; the layer's forward moves
+    the one it uses (moving the dict would copy every window's mask to every layer's device)."""
+    from hetgraph import attention
+    from hetgraph.placement import _to_device
+
+    meta = torch.device("meta")
+    masks = {("full", None): torch.ones(1, 1, 3, 3, dtype=torch.bool), ("sliding", 2): torch.zeros(1, 1, 3, 3)}
+    kwargs = {attention.MASKS_KWARG: masks, "position_ids": torch.arange(3)}
+    args, kwargs = _to_device(meta)(None, (torch.ones(1, 3, 8),), kwargs)
+    assert args[0].is_meta and kwargs["position_ids"].is_meta
+    assert kwargs[attention.MASKS_KWARG] is masks and not any(m.is_meta for m in masks.values())
+    attention.LayerInputs(("sliding", 2), None).pick(kwargs, args[0].device)
+    assert kwargs["attention_mask"].is_meta and kwargs["attention_mask"].dtype == torch.float32
+    assert attention.MASKS_KWARG not in kwargs

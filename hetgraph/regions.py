@@ -49,7 +49,7 @@ import torch.fx as fx
 from transformers.cache_utils import DummyLayer
 
 from hetgraph.cache import HeteroCache, StaticFullLayer, StaticWindowLayer
-from hetgraph.passes._graph import layer_index_from_path, with_layer_index
+from hetgraph.passes._graph import eliminate_dead_code, layer_index_from_path, with_layer_index
 from hetgraph.spec import FULL, LINEAR, LayerSpec
 
 INLINES_REGIONS = "hetgraph_inlines_regions"  # attribute of a backend that calls `inline_regions`
@@ -236,7 +236,7 @@ def _backend_inlines_regions() -> bool:
 def inline_regions(gm: fx.GraphModule) -> int:
     """Inline every `invoke_subgraph` call of `gm` in place (a user's own regions too: which layers
     share compiled code is `group_layer_variants`' decision), each copied node's module path naming
-    the layer of its call; returns the number of calls inlined."""
+    the layer of its call, and drop the dead nodes regions leave; returns the number of calls inlined."""
     calls = list(gm.graph.find_nodes(op="call_function", target=INVOKE))
     bodies = {call.args[0].target for call in calls}
     for call in calls:
@@ -266,7 +266,13 @@ def inline_regions(gm: fx.GraphModule) -> int:
                 gm.graph.erase_node(node)
         if not any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
             delattr(gm, name)
-    if calls:
+    # A region's body keeps what its trace computed and did not use (the unused item of a tuple a
+    # layer unpacks, `max(...).values`' indices), which dynamo drops from a graph without regions; so
+    # must this, and for the regions dynamo inlined itself (a variant called once): else the first
+    # pass to clean up reports them as its own removals.
+    nodes = len(gm.graph.nodes)
+    eliminate_dead_code(gm.graph)
+    if calls or len(gm.graph.nodes) != nodes:
         gm.recompile()
     return len(calls)
 

@@ -12,7 +12,7 @@ from torch._dynamo.utils import compilation_time_metrics
 
 import hetgraph
 from hetgraph.backend import HetgraphBackend
-from hetgraph.passes._graph import layer_of
+from hetgraph.passes._graph import eliminate_dead_code, layer_of
 from hetgraph.regions import INVOKE, inline_regions
 from references.llama import load_reference
 from support.checks import prompts
@@ -68,10 +68,12 @@ class InlineOnly:
     def __init__(self):
         self.traces = _Traces()
         self.traced = self.traces.traced
+        self.graphs = []
 
     def __call__(self, gm, example_inputs):
         self.traces.record(gm)
         inline_regions(gm)
+        self.graphs.append(gm)
         return gm.forward
 
 
@@ -187,3 +189,24 @@ def test_gpt_oss_layers_take_the_region_and_reuse_its_trace():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     # One trace for the four layers: without a cache, a sliding layer's window is all in its mask.
     assert backend.traced == [(1, 4)]
+    # The inlining leaves no dead node behind (the body's unused tuple items), as dynamo's own graph.
+    (gm,) = backend.graphs
+    nodes = len(gm.graph.nodes)
+    eliminate_dead_code(gm.graph)
+    assert len(gm.graph.nodes) == nodes
+
+
+def test_regions_dynamo_inlined_itself_leave_no_dead_nodes_to_the_passes():
+    """A variant called once: dynamo inlines its region itself, with the body's unused nodes (the
+    indices of GptOss's `max(...).values`); the first pass to clean up reported them as its own."""
+    config = hetero_config("gpt_oss")
+    torch.manual_seed(0)
+    model = hetgraph.from_config(config)
+    ids, mask = _ids()
+    backend = RecordingHetgraph()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(ids, attention_mask=mask, use_cache=False)
+    (report,) = backend.reports
+    eliminate = next(r for r in report.records if r.name == "eliminate_skipped_blocks")
+    removed = {i for i, o in config["per_layer_config"].items() if o.get("skip")}
+    assert removed and set(eliminate.report) == removed

@@ -29,7 +29,7 @@ import torch
 from torch.fx.traceback import annotate
 from transformers.cache_utils import CacheLayerMixin, DummyLayer, DynamicLayer
 
-from hetgraph.spec import ModelSpec
+from hetgraph.spec import LayerSpec, ModelSpec
 
 MASKS_KWARG = "hetgraph_masks"
 ROPE_KWARG = "hetgraph_rope"
@@ -273,6 +273,11 @@ class LayerInputs:
         self.window = window
         self.head_dim = head_dim
 
+    @classmethod
+    def of(cls, s: LayerSpec) -> LayerInputs:
+        """Layer `s`'s: its window's mask (mamba layers: the recurrent one; none without either)."""
+        return cls(s.window if s.has_attention else RECURRENT if s.has_mamba else None, s.head_dim)
+
     def pick(self, kwargs: dict, device) -> None:
         """In place: the layer's own mask and RoPE into `kwargs`, on `device` (the layer's inputs'),
         the per-window and per-head-dim dicts out of it. Called without them (the layer called
@@ -282,16 +287,17 @@ class LayerInputs:
         if masks is None:
             return
         if self.window is not None:
-            kwargs["attention_mask"] = _on(masks[self.window], device)
+            kwargs["attention_mask"] = on_device(masks[self.window], device)
         if rope and self.head_dim in rope:
             table = rope[self.head_dim]  # (cos, sin), or one tensor (Llama4's complex frequencies)
-            on = tuple(_on(t, device) for t in table) if isinstance(table, tuple) else _on(table, device)
+            on = tuple(on_device(t, device) for t in table) if isinstance(table, tuple) else on_device(table, device)
             kwargs["position_embeddings"] = on
 
 
-def _on(t, device):
-    """`t` on `device`: the model's masks and RoPE are built where its input is, a layer may sit on
-    another device (`placement.dispatch`, whose hooks leave the per-layer dicts to this)."""
+def on_device(t, device):
+    """`t` on `device` if it is a tensor elsewhere, else `t` itself. The model's masks and RoPE are
+    built where its input is; a layer may sit on another device (`placement.dispatch`, whose hooks
+    leave the per-window dicts to `LayerInputs`)."""
     return t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t
 
 

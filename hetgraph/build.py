@@ -156,9 +156,8 @@ def _install_runtime(model: PreTrainedModel, spec: ModelSpec, attn_implementatio
             {str(d): rotary_cls(_config_with_head_dim(model.config, d)) for d in extra_dims}
         )
     base.register_forward_pre_hook(attention.ModelInputsHook(spec, base, attn_implementation), with_kwargs=True)
-    keys = [s.window if s.has_attention else attention.RECURRENT if s.has_mamba else None for s in spec]
     # Each layer's forward picks its inputs, and dynamo traces each layer variant once (for hetgraph's backends).
-    regions.install(base.layers, spec, [attention.LayerInputs(k, s.head_dim) for k, s in zip(keys, spec)])
+    regions.install(base.layers, spec)
     attention.install_generate_hooks(model, spec)
     model.save_pretrained = types.MethodType(save_pretrained, model)
     attach(model, spec)

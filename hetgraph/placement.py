@@ -120,7 +120,7 @@ def layer_device(model: torch.nn.Module, layer: torch.nn.Module) -> torch.device
 
 def _to_device(device: torch.device):
     def move(t):
-        return t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t
+        return attention.on_device(t, device)
 
     def hook(module, args, kwargs):
         # A layer picks its own mask and RoPE from the model's per-window dicts and moves only those

@@ -48,6 +48,7 @@ import torch
 import torch.fx as fx
 from transformers.cache_utils import DummyLayer
 
+from hetgraph.attention import LayerInputs
 from hetgraph.cache import HeteroCache, StaticFullLayer, StaticWindowLayer
 from hetgraph.passes._graph import eliminate_dead_code, layer_index_from_path, with_layer_index
 from hetgraph.spec import FULL, LINEAR, LayerSpec
@@ -58,15 +59,15 @@ INVOKE = torch.ops.higher_order.invoke_subgraph
 _KNOWN_KWARGS = ("attention_mask", "position_ids", "cache", "use_cache", "position_embeddings", "output_router_logits")
 
 
-def install(layers, spec, inputs) -> None:
-    """Give each decoder layer the forward that picks its own inputs and, while dynamo traces, calls
-    the region of its variant; `inputs[i]` picks layer i's mask and RoPE (`attention.LayerInputs`).
+def install(layers, spec) -> None:
+    """Give each decoder layer the forward that picks its own mask and RoPE (`attention.LayerInputs`)
+    and, while dynamo traces, calls the region of its variant.
 
     Not mamba blocks (their cache is not a key/value pair) nor layers whose blocks are all removed: a
     region must not return its input (dynamo refuses input-output aliasing in a higher-order op)."""
-    for s, layer, picker in zip(spec, layers, inputs):
+    for s, layer in zip(spec, layers):
         layer.forward = types.MethodType(_forward, layer)
-        layer.hetgraph_inputs = picker
+        layer.hetgraph_inputs = LayerInputs.of(s)
         layer.hetgraph_layer_index = s.index
         layer.hetgraph_region = s.mamba != FULL and (s.attention in (FULL, LINEAR) or s.mlp in (FULL, LINEAR))
         layer.hetgraph_region_call = _region_of(s)
